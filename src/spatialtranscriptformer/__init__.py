@@ -1,0 +1,21 @@
+"""spatialtranscriptformer: predict spatially resolved gene expression from H&E histology.
+
+Use as ``import spatialtranscriptformer as stf``; the namespaces follow scanpy: ``stf.io`` (readers),
+``stf.datasets`` (bundled and synthetic data), ``stf.pp`` (tiles, embeddings, targets), ``stf.tl``
+(models: fit, predict, evaluate) and ``stf.pl`` (plots). Heavy libraries (torch, lightning, timm,
+spatialdata) are imported only inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import datasets, io, pl, pp, tl
+from ._settings import settings
+
+try:
+    __version__ = version("spatialtranscriptformer")
+except PackageNotFoundError:  # pragma: no cover - not installed
+    __version__ = "0.0.0"
+
+__all__ = ["datasets", "io", "pl", "pp", "settings", "tl", "__version__"]

@@ -1,0 +1,54 @@
+"""Default keys and names shared across the library.
+
+Every key a function writes by default is defined here, once.
+"""
+
+from __future__ import annotations
+
+# --- SpatialData element names written by the readers -------------------------------------------
+IMAGE_KEY = "he"
+"""Name of the H&E image element."""
+SHAPES_KEY = "spots"
+"""Name of the spot / bin shapes element (circles for spots, squares for bins)."""
+TABLE_KEY = "table"
+"""Name of the expression table."""
+COORDINATE_SYSTEM = "global"
+"""Coordinate system of a slide: full-resolution pixels of the H&E image."""
+
+# --- obs columns ------------------------------------------------------------------------------------
+SLIDE_KEY = "slide_id"
+"""``obs`` column with the slide (section) identifier."""
+PATIENT_KEY = "patient_id"
+"""``obs`` column with the patient identifier."""
+REGION_KEY = "region"
+"""``obs`` column linking table rows to a shapes element (SpatialData region key)."""
+INSTANCE_KEY = "spot_id"
+"""``obs`` column with the spot identifier inside its shapes element (SpatialData instance key)."""
+
+# --- obsm / layers / uns ---------------------------------------------------------------------------
+SPATIAL_KEY = "spatial"
+"""``obsm`` key of spot centres in full-resolution image pixels (x, y), as in scanpy."""
+COUNTS_LAYER = "counts"
+"""Layer with the raw integer counts."""
+SLIDE_META_KEY = "stf_slide"
+"""``uns`` key with per-slide metadata: microns per pixel, spot diameter, element names."""
+EMBEDDING_PREFIX = "X_"
+"""Prefix of embedding keys in ``obsm``: ``X_<backbone>``."""
+PATHWAY_KEY = "pathway_activity"
+"""``obsm`` key of pathway activity targets (z-scored member-gene means)."""
+PRED_KEY = "stf_pred"
+"""Layer with predicted expression."""
+PRED_PATHWAY_KEY = "stf_pathways"
+"""``obsm`` key with predicted pathway scores."""
+HVG_KEY = "highly_variable"
+"""``var`` column marking selected genes."""
+TILES_KEY = "tiles"
+"""``uns`` key with the tile parameters."""
+SUPERRES_KEY = "stf_superres"
+"""Name of the super-resolution image element written by :func:`spatialtranscriptformer.tl.predict`."""
+
+# --- defaults ------------------------------------------------------------------------------------
+DEFAULT_TILE_SIZE = 224
+"""Tile edge in pixels (HEST-Benchmark)."""
+DEFAULT_TILE_MPP = 0.5
+"""Tile resolution in microns per pixel (HEST-Benchmark)."""

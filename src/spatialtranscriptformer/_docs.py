@@ -1,0 +1,38 @@
+"""Parameter descriptions shared by several docstrings (defined once, substituted in)."""
+
+from __future__ import annotations
+
+from textwrap import dedent
+
+doc_data = """\
+data
+    A :class:`~spatialdata.SpatialData` with an expression/spot table, or an
+    :class:`~anndata.AnnData` (one slide)."""
+
+doc_slides = """\
+data
+    One slide or a list of slides: :class:`~spatialdata.SpatialData` objects (or
+    :class:`~anndata.AnnData` tables carrying embeddings and ``obsm['spatial']``)."""
+
+doc_table_key = """\
+table_key
+    Name of the table inside a :class:`~spatialdata.SpatialData`. ``None`` picks the only table,
+    or ``"table"``; the error lists the available tables otherwise. Ignored for AnnData input."""
+
+doc_copy = """\
+copy
+    Return a modified copy instead of writing into ``data``."""
+
+doc_progress = """\
+progress
+    Show a progress bar; ``None`` follows ``stf.settings.progress``."""
+
+
+def doc_params(**kwds: str):
+    """Substitute shared parameter text into a docstring (``{name}`` placeholders)."""
+
+    def dec(obj):
+        obj.__doc__ = dedent(obj.__doc__).format_map(kwds)
+        return obj
+
+    return dec

@@ -1,0 +1,139 @@
+"""Reader for legacy Spatial Transcriptomics sections in the her2st layout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from .._logging import logger
+from ._build import build_slide
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+ST_SPOT_DIAMETER_UM = 100.0
+"""Spot diameter of the legacy ST array (Ståhl et al. 2016)."""
+ST_PITCH_UM = 200.0
+"""Centre-to-centre distance of the legacy ST array."""
+
+
+def _find_one(folder: Path, patterns: list[str], what: str) -> Path:
+    for pat in patterns:
+        hits = sorted(folder.glob(pat))
+        if hits:
+            return hits[0]
+    raise FileNotFoundError(f"No {what} found in {folder} (looked for {', '.join(patterns)}).")
+
+
+def estimate_mpp_from_grid(array_xy: np.ndarray, pixel_xy: np.ndarray, *, pitch_um: float = ST_PITCH_UM) -> float:
+    """Microns per pixel from a least-squares fit of pixel vs array coordinates of a spot grid."""
+    scales = []
+    for d in range(2):
+        a = np.c_[array_xy[:, d], np.ones(len(array_xy))]
+        coef, *_ = np.linalg.lstsq(a, pixel_xy[:, d], rcond=None)
+        scales.append(abs(coef[0]))
+    px_per_step = float(np.mean(scales))
+    if not np.isfinite(px_per_step) or px_per_step <= 0:
+        raise ValueError("Cannot estimate microns per pixel from the spot grid (degenerate coordinates).")
+    return pitch_um / px_per_step
+
+
+def read_her2st(
+    path: str | os.PathLike,
+    *,
+    section: str | None = None,
+    mpp: float | None = None,
+    patient_id: str | None = None,
+    load_image: bool = True,
+) -> SpatialData:
+    """Read a legacy ST section in the her2st layout.
+
+    The layout (Andersson et al. 2021, *Nat. Commun.* 12:6012) holds, per section ``S``: ``S.tsv.gz``
+    (spots x genes raw counts, index ``"{{x}}x{{y}}"`` array coordinates), ``S_selection.tsv`` (array and
+    full-resolution pixel coordinates per spot) and the full-resolution H&E ``*.jpg``.
+
+    Parameters
+    ----------
+    path
+        Folder of one section (containing the three files).
+    section
+        Section name (``"C2"``); defaults to the name of the counts file.
+    mpp
+        Microns per pixel of the H&E. ``None`` estimates it from the spot grid pitch (200 µm between
+        array positions); her2st scans are about 0.69 µm/px.
+    patient_id
+        Patient identifier; defaults to the section's letter (``"C2"`` -> ``"C"``).
+    load_image
+        Read the H&E image (set ``False`` for expression-only work).
+
+    Returns
+    -------
+    A :class:`~spatialdata.SpatialData` with image ``"he"``, circles ``"spots"`` (100 µm diameter) and
+    table ``"table"`` (raw counts in ``X`` and ``layers['counts']``, ``obsm['spatial']`` in pixels,
+    ``obs['slide_id']``, ``obs['patient_id']``, ``uns['stf_slide']`` with the µm/px).
+    """
+    import anndata as ad
+    import scipy.sparse as sp
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"her2st section folder not found: {folder}")
+    counts_path = _find_one(folder, ["*.tsv.gz", "*.tsv"] if section is None else [f"{section}.tsv.gz", f"{section}.tsv"], "counts file (S.tsv.gz)")
+    if counts_path.name.endswith("_selection.tsv"):
+        counts_path = _find_one(folder, ["*[!n].tsv.gz"], "counts file (S.tsv.gz)")
+    section = section or counts_path.name.split(".")[0]
+    sel_path = _find_one(folder, [f"{section}_selection.tsv", "*_selection.tsv"], "spot selection file (S_selection.tsv)")
+
+    counts = pd.read_csv(counts_path, sep="\t", index_col=0)
+    if counts.index.has_duplicates:
+        raise ValueError(f"{counts_path.name}: duplicate spot ids {counts.index[counts.index.duplicated()][:5].tolist()}.")
+    non_numeric = [c for c, t in counts.dtypes.items() if not np.issubdtype(t, np.number)]
+    if non_numeric:
+        raise ValueError(f"{counts_path.name}: non-numeric counts in genes {non_numeric[:5]}.")
+    sel = pd.read_csv(sel_path, sep="\t")
+    missing_cols = {"x", "y", "pixel_x", "pixel_y"} - set(sel.columns)
+    if missing_cols:
+        raise ValueError(f"{sel_path.name}: missing columns {sorted(missing_cols)}.")
+    sel.index = [f"{int(x)}x{int(y)}" for x, y in zip(sel["x"], sel["y"], strict=True)]
+    sel = sel[~sel.index.duplicated()]
+    common = counts.index.intersection(sel.index)
+    unmatched = len(counts) - len(common)
+    if unmatched:
+        raise ValueError(f"{counts_path.name}: {unmatched} spots have no row in {sel_path.name}.")
+    if len(common) < len(sel):
+        logger.info("%s: %d selection rows without counts dropped", section, len(sel) - len(common))
+    sel = sel.loc[counts.index]
+    pixel_xy = sel[["pixel_x", "pixel_y"]].to_numpy(float)
+    if mpp is None:
+        arr_cols = ["new_x", "new_y"] if {"new_x", "new_y"} <= set(sel.columns) else ["x", "y"]
+        mpp = estimate_mpp_from_grid(sel[arr_cols].to_numpy(float), pixel_xy)
+
+    image = None
+    if load_image:
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = None
+        img_path = _find_one(folder, ["*.jpg", "*.jpeg", "*.png", "*.tif", "*.tiff"], "H&E image (*.jpg)")
+        with Image.open(img_path) as im:
+            image = np.asarray(im.convert("RGB"))
+
+    X = sp.csr_matrix(counts.to_numpy())
+    adata = ad.AnnData(X=X, obs=pd.DataFrame(index=counts.index.astype(str)), var=pd.DataFrame(index=counts.columns.astype(str)))
+    adata.obs["array_row"] = sel["y"].to_numpy(int)
+    adata.obs["array_col"] = sel["x"].to_numpy(int)
+    adata.var_names_make_unique()
+    pid = patient_id if patient_id is not None else "".join(ch for ch in section if ch.isalpha()) or section
+    return build_slide(
+        image,
+        adata,
+        coords=pixel_xy,
+        mpp=mpp,
+        spot_diameter_um=ST_SPOT_DIAMETER_UM,
+        slide_id=section,
+        patient_id=pid,
+        extra_meta={"technology": "ST", "pitch_um": ST_PITCH_UM},
+    )

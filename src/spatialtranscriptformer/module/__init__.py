@@ -1,0 +1,1 @@
+"""Models as plain :class:`torch.nn.Module` s (import torch lazily through this package)."""

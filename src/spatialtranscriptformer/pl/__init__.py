@@ -1,0 +1,3 @@
+"""Plots (matplotlib; scanpy-style keyword-only options)."""
+
+__all__: list[str] = []

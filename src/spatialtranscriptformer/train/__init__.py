@@ -1,0 +1,1 @@
+"""Lightning training plans and data loading for the modules."""
