@@ -1,0 +1,246 @@
+"""Quadrant attention over ``[pathways | patches]`` without an (S+P)^2 matrix.
+
+The sequence holds P pathway tokens followed by S patch tokens. Four information flows can be switched
+on or off (the SpatialTranscriptFormer design): ``p2p`` (pathways attend to pathways), ``p2h`` (pathways
+attend to patches), ``h2p`` (patches attend to pathways) and ``h2h`` (patches attend to patches). A
+token always attends to itself.
+
+The fast path never builds a T x T tensor (T = P + S): pathway and patch queries are handled as two
+groups, each attending over the concatenation of the key groups it may see with
+:func:`torch.nn.functional.scaled_dot_product_attention` (fused flash / memory-efficient kernels, O(T)
+memory). Padding is a boolean ``(B, 1, 1, K)`` key mask that SDPA broadcasts. When a query group may not
+see its own group (``p2p`` or ``h2h`` off) it attends to the other group's keys plus its own key only;
+that is computed exactly with explicit O(S·P) scores and the self score appended as one extra column
+of the softmax (e.g. the pathway bottleneck, ``h2h`` off, costs O(S·P) time and memory).
+
+Attention dropout is not used: on CPU it forces SDPA onto the math kernel that materialises the full
+score matrix; dropout is applied to the residual branches instead (:class:`QuadrantEncoderLayer`).
+``return_attention=True`` takes an explicit (slow, O(T^2)) path that returns the maps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INTERACTIONS = ("p2p", "p2h", "h2p", "h2h")
+"""Valid interaction (information-flow) names."""
+
+
+def validate_interactions(interactions: Iterable[str] | str, n_layers: int) -> frozenset[str]:
+    """Check interaction names and the bottleneck depth rule; return them as a frozenset.
+
+    Parameters
+    ----------
+    interactions
+        Enabled flows, a subset of :data:`INTERACTIONS` (``"all"`` for all four).
+    n_layers
+        Number of transformer layers; without ``h2h`` at least 2 are needed (layer 1: pathways gather
+        from patches, layer 2: patches read the pathways).
+
+    Returns
+    -------
+    The enabled interactions.
+    """
+    if isinstance(interactions, str):
+        interactions = INTERACTIONS if interactions == "all" else (interactions,)
+    got = [str(i) for i in interactions]
+    bad = sorted(set(got) - set(INTERACTIONS))
+    if bad:
+        raise ValueError(f"Unknown interactions {bad}; valid interactions are {list(INTERACTIONS)}.")
+    enabled = frozenset(got)
+    if int(n_layers) < 1:
+        raise ValueError(f"n_layers must be >= 1, got {n_layers}.")
+    if "h2h" not in enabled and n_layers < 2:
+        raise ValueError(
+            "Without 'h2h' (pathway bottleneck) patches communicate only through pathway tokens, which "
+            f"needs n_layers >= 2; got n_layers={n_layers}."
+        )
+    return enabled
+
+
+def _attend_with_self(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    k_self: torch.Tensor,
+    v_self: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Softmax attention of ``q`` over keys ``k`` plus each query's own key (exact, O(Q·K))."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if key_mask is not None:
+        s = s.masked_fill(~key_mask, float("-inf"))
+    s_self = (q * k_self).sum(-1, keepdim=True) * scale
+    a = torch.softmax(torch.cat([s, s_self], dim=-1), dim=-1)
+    return torch.matmul(a[..., :-1], v) + a[..., -1:] * v_self
+
+
+class QuadrantAttention(nn.Module):
+    """Multi-head self-attention over ``[pathways | patches]`` with switchable quadrants.
+
+    Parameters
+    ----------
+    dim
+        Token dimension.
+    n_heads
+        Number of heads (must divide ``dim``).
+    interactions
+        Enabled flows (validated with :func:`validate_interactions` by the caller).
+    """
+
+    def __init__(self, dim: int, n_heads: int, *, interactions: Iterable[str] = INTERACTIONS):
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"token_dim ({dim}) must be divisible by n_heads ({n_heads}).")
+        self.n_heads = n_heads
+        self.head_dim = dim // n_heads
+        self.scale = self.head_dim**-0.5
+        self.interactions = frozenset(interactions)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def allowed(self, n_pathways: int, key_mask: torch.Tensor) -> torch.Tensor:
+        """Build the explicit ``(B, T, T)`` boolean map of which query may attend to which key."""
+        B, S = key_mask.shape
+        P, T = n_pathways, n_pathways + S
+        dev = key_mask.device
+        a = torch.zeros(T, T, dtype=torch.bool, device=dev)
+        it = self.interactions
+        a[:P, :P] = "p2p" in it
+        a[:P, P:] = "p2h" in it
+        a[P:, :P] = "h2p" in it
+        a[P:, P:] = "h2h" in it
+        valid = torch.cat([torch.ones(B, P, dtype=torch.bool, device=dev), key_mask.bool()], dim=1)
+        eye = torch.eye(T, dtype=torch.bool, device=dev)
+        return (a.unsqueeze(0) & valid.unsqueeze(1)) | eye
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        n_pathways: int,
+        key_mask: torch.Tensor,
+        *,
+        return_attention: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attend.
+
+        Parameters
+        ----------
+        x
+            ``(B, P + S, D)`` tokens, pathways first.
+        n_pathways
+            P.
+        key_mask
+            ``(B, S)`` boolean, ``True`` for real patches.
+        return_attention
+            Use the explicit path and return the ``(B, heads, T, T)`` map (disabled flows are 0).
+
+        Returns
+        -------
+        The ``(B, T, D)`` output and the attention map (or ``None``).
+        """
+        B, T, D = x.shape
+        P = n_pathways
+        H, d = self.n_heads, self.head_dim
+        q, k, v = self.qkv(x).view(B, T, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, d)
+        if return_attention:
+            allowed = self.allowed(P, key_mask)
+            s = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+            attn = torch.softmax(s.masked_fill(~allowed.unsqueeze(1), float("-inf")), dim=-1)
+            out = torch.matmul(attn, v)
+        else:
+            attn = None
+            out = self._fast(q, k, v, P, key_mask)
+        out = out.transpose(1, 2).reshape(B, T, D)
+        return self.proj(out), attn
+
+    def _fast(self, q, k, v, P: int, key_mask: torch.Tensor) -> torch.Tensor:
+        it = self.interactions
+        B = q.shape[0]
+        sdpa = F.scaled_dot_product_attention
+        # a key-padding mask only where some spot is padding (SDPA broadcasts (B,1,1,K) without a K×K)
+        pad = None if bool(key_mask.all()) else key_mask.bool()[:, None, None, :]
+        full = None
+        if pad is not None:
+            ones = torch.ones(B, 1, 1, P, dtype=torch.bool, device=q.device)
+            full = torch.cat([ones, pad], dim=-1)
+        if it == frozenset(INTERACTIONS):
+            return sdpa(q, k, v, attn_mask=full, scale=self.scale)
+        qp, qh = q[:, :, :P], q[:, :, P:]
+        kp, kh = k[:, :, :P], k[:, :, P:]
+        vp, vh = v[:, :, :P], v[:, :, P:]
+        # pathway queries
+        if "p2p" in it and "p2h" in it:
+            op = sdpa(qp, k, v, attn_mask=full, scale=self.scale)
+        elif "p2p" in it:
+            op = sdpa(qp, kp, vp, scale=self.scale)
+        elif "p2h" in it:
+            op = _attend_with_self(qp, kh, vh, pad, kp, vp, self.scale)
+        else:
+            op = vp
+        # patch queries
+        if "h2h" in it and "h2p" in it:
+            oh = sdpa(qh, k, v, attn_mask=full, scale=self.scale)
+        elif "h2h" in it:
+            oh = sdpa(qh, kh, vh, attn_mask=pad, scale=self.scale)
+        elif "h2p" in it:
+            oh = _attend_with_self(qh, kp, vp, None, kh, vh, self.scale)
+        else:
+            oh = vh
+        return torch.cat([op, oh], dim=2)
+
+
+class QuadrantEncoderLayer(nn.Module):
+    """Pre-norm transformer layer (Xiong et al. 2020) with :class:`QuadrantAttention`.
+
+    ``x = x + Dropout(Attn(LN(x)))``; ``x = x + Dropout(FFN(LN(x)))`` with a GELU FFN of width
+    ``ffn_mult * dim``.
+
+    Parameters
+    ----------
+    dim
+        Token dimension.
+    n_heads
+        Attention heads.
+    interactions
+        Enabled flows.
+    dropout
+        Dropout on the residual branches and inside the FFN.
+    ffn_mult
+        FFN width multiplier.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        *,
+        interactions: Iterable[str] = INTERACTIONS,
+        dropout: float = 0.1,
+        ffn_mult: int = 4,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = QuadrantAttention(dim, n_heads, interactions=interactions)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, ffn_mult * dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(ffn_mult * dim, dim),
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self, x: torch.Tensor, n_pathways: int, key_mask: torch.Tensor, *, return_attention: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Apply the layer; returns the tokens and the attention map (or ``None``)."""
+        a, attn = self.attn(self.norm1(x), n_pathways, key_mask, return_attention=return_attention)
+        x = x + self.drop(a)
+        x = x + self.drop(self.ffn(self.norm2(x)))
+        return x, attn
