@@ -116,3 +116,12 @@ def get_embedding(adata: AnnData, key: str) -> np.ndarray:
         bad = int((~np.isfinite(x)).any(axis=1).sum())
         raise ValueError(f"Embedding `obsm[{key!r}]` has NaN/inf values in {bad} spots.")
     return x
+
+
+def copy_data(data):
+    """A deep copy of an AnnData or SpatialData (for ``copy=True``)."""
+    if is_spatialdata(data):
+        from spatialdata import deepcopy
+
+        return deepcopy(data)
+    return data.copy()

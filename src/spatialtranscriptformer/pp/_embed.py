@@ -1,0 +1,198 @@
+"""``stf.pp.embed``: frozen backbone embeddings of spot tiles, written to ``obsm``."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .. import _constants as K
+from .._data import as_slide_list, copy_data, get_table, is_spatialdata
+from .._docs import doc_copy, doc_params, doc_progress, doc_slides, doc_table_key
+from .._logging import logger
+from .._settings import settings
+from ._backbones import Backbone, get_backbone
+from ._tiles import iter_tiles, tile_plan
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+_DONE = object()
+
+
+def _prefetch(gen, bb: Backbone, depth: int):
+    """Run tile reading + preprocessing in a background thread, ``depth`` batches ahead."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for idx, tiles in gen:
+                item = (idx, bb.preprocess(tiles) if bb.spec.is_torch else tiles)
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # re-raised in the consumer
+            q.put(exc)
+            return
+        q.put(_DONE)
+
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def embed_slide(
+    data: SpatialData,
+    bb: Backbone,
+    *,
+    tile_size: int | None,
+    mpp: float | None,
+    batch_size: int,
+    table_key: str | None,
+    image_key: str | None,
+    progress: bool,
+    prefetch: int = 2,
+    amp: bool = False,
+) -> np.ndarray:
+    """Embeddings of all spots of one slide, in table order (nothing written)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    adata = get_table(data, table_key)
+    size = tile_size or bb.spec.input_size
+    res = mpp or bb.spec.mpp
+    gen = iter_tiles(data, tile_size=size, mpp=res, batch_size=batch_size, table_key=table_key, image_key=image_key)
+    out = np.zeros((adata.n_obs, bb.dim), dtype=np.float32) if bb.dim else None
+    use_amp = amp and str(bb.device).startswith("cuda")
+    with tqdm(total=adata.n_obs, disable=not progress, desc=f"embed {bb.name}", unit="tile") as bar:
+        for idx, x in _prefetch(gen, bb, prefetch):
+            if use_amp:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    f = bb.forward(x)
+            else:
+                f = bb.forward(x)
+            f = np.asarray(f, dtype=np.float32)
+            if out is None:
+                out = np.zeros((adata.n_obs, f.shape[1]), dtype=np.float32)
+            out[idx] = f
+            bar.update(len(idx))
+    return out
+
+
+@doc_params(data=doc_slides, table_key=doc_table_key, copy=doc_copy, progress=doc_progress)
+def embed(
+    data: SpatialData | list,
+    *,
+    backbone: str | Any = "handcrafted",
+    weights: str | os.PathLike | None = None,
+    tile_size: int | None = None,
+    mpp: float | None = None,
+    batch_size: int = 32,
+    device: str | None = None,
+    amp: bool = False,
+    key_added: str | None = None,
+    overwrite: bool = False,
+    image_key: str | None = None,
+    table_key: str | None = None,
+    progress: bool | None = None,
+    copy: bool = False,
+) -> SpatialData | list | None:
+    """Embed each spot's tile with a frozen backbone and write one row per spot into ``obsm``.
+
+    Tiles are cut at the backbone's native scale (``mpp``, ``tile_size``) around every spot, read block
+    by block into memory by a background thread that stays ``2`` batches ahead of the model, so reading
+    hides behind compute. Inference runs under :func:`torch.inference_mode` (bfloat16 autocast with
+    ``amp=True`` on CUDA). Slides that already hold the embedding are skipped unless ``overwrite``.
+    For many slides on several GPUs or nodes use :func:`spatialtranscriptformer.pp.embed_distributed`.
+
+    Parameters
+    ----------
+    {data}
+    backbone
+        A registered name (:func:`list_backbones`), e.g. ``"handcrafted"`` (no weights), ``"resnet50"``,
+        ``"ctranspath"``, ``"phikon"``, ``"uni"``, ``"virchow2"``, ``"gigapath"``, ``"hibou_b"``,
+        ``"h_optimus_0"``; or any ``torch.nn.Module``/callable mapping normalised ``(B, 3, S, S)`` tensors
+        to ``(B, D)``.
+    weights
+        Weight file or folder; ``None`` reads the local Hugging Face cache; ``"random"`` explicitly uses
+        random weights (tests only). Missing weights raise :class:`FileNotFoundError`.
+    tile_size
+        Tile edge in pixels; default the backbone's input size.
+    mpp
+        Tile resolution in µm/px; default the backbone's native resolution.
+    batch_size
+        Tiles per forward pass.
+    device
+        Torch device; default ``stf.settings.device``.
+    amp
+        bfloat16 autocast on CUDA (ignored on CPU, where it is slower).
+    key_added
+        ``obsm`` key; default ``"X_<backbone>"``.
+    overwrite
+        Recompute embeddings already present.
+    image_key
+        Image element; defaults to the one recorded by the reader.
+    {table_key}
+    {progress}
+    {copy}
+
+    Returns
+    -------
+    ``None`` (or the copied slide(s) with ``copy=True``), writing on each slide's table:
+
+    - ``obsm[key_added]``: ``(n_spots, dim)`` float32 embeddings;
+    - ``uns[key_added]["params"]``: backbone, weights, tile size, µm/px, licence, dim, time.
+    """
+    slides = as_slide_list(data)
+    if copy:
+        slides = [copy_data(s) for s in slides]
+    for i, s in enumerate(slides):
+        if not is_spatialdata(s):
+            raise ValueError(f"Slide {i}: embedding needs the H&E image, pass a SpatialData (got {type(s).__name__}).")
+    bb = get_backbone(backbone, weights=weights, device=device)
+    key = key_added or f"{K.EMBEDDING_PREFIX}{bb.name}"
+    size = tile_size or bb.spec.input_size
+    res = mpp or bb.spec.mpp
+    progress = settings.progress if progress is None else progress
+    todo = []
+    for s in slides:
+        adata = get_table(s, table_key)
+        if key in adata.obsm and not overwrite:
+            logger.info("embed: %r already in obsm of slide %s, skipped (overwrite=True recomputes)", key,
+                        adata.uns.get(K.SLIDE_META_KEY, {}).get("slide_id"))
+            continue
+        tile_plan(s, adata, tile_size=size, mpp=res, image_key=image_key)  # validate before any compute
+        todo.append(s)
+    for s in todo:
+        t0 = time.perf_counter()
+        emb = embed_slide(s, bb, tile_size=size, mpp=res, batch_size=batch_size, table_key=table_key,
+                          image_key=image_key, progress=progress, amp=amp)
+        adata = get_table(s, table_key)
+        adata.obsm[key] = emb
+        adata.uns[key] = {"params": {
+            "backbone": bb.name, "weights": None if weights is None else str(weights), "tile_size": size, "mpp": res,
+            "dim": int(emb.shape[1]), "license": bb.spec.license, "seconds": round(time.perf_counter() - t0, 3),
+        }}
+        logger.info("embed: %d spots with %s in %.1f s", adata.n_obs, bb.name, time.perf_counter() - t0)
+    if copy:
+        return slides if isinstance(data, list) else slides[0]
+    return None

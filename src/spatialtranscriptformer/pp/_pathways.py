@@ -1,0 +1,164 @@
+"""Pathway activity targets: per-slide z-scored genes averaged over gene-set members."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .. import _constants as K
+from .._data import copy_data, get_table, slide_ids
+from .._docs import doc_copy, doc_data, doc_params, doc_table_key
+from .._logging import logger
+from ._gene_sets import load_gene_sets, membership_matrix
+from ._genes import layer_matrix
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+
+def zscore_by_group(expr: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """Z-score each column over the rows of each group (constant columns -> 0)."""
+    expr = np.asarray(expr, dtype=np.float64)
+    out = np.zeros_like(expr)
+    groups = np.zeros(len(expr)) if groups is None else np.asarray(groups)
+    for g in pd.unique(groups):
+        rows = groups == g
+        x = expr[rows]
+        sd = x.std(axis=0)
+        out[rows] = np.divide(x - x.mean(axis=0), sd, out=np.zeros_like(x), where=sd > 0)
+    return out
+
+
+def pathway_scores_from_expression(
+    expr: np.ndarray, membership: np.ndarray, *, groups: np.ndarray | None = None
+) -> np.ndarray:
+    """Pathway activity of each spot from expression (the design's auxiliary-loss targets).
+
+    Every gene is z-scored over the spots of its slide (``groups``), then each pathway's score is the
+    mean of its member genes' z-scores (not a raw sum), so lowly expressed genes get an equal vote.
+
+    Parameters
+    ----------
+    expr
+        Spots x genes expression (e.g. log1p-normalised).
+    membership
+        Genes x pathways 0/1 matrix.
+    groups
+        Slide label of each spot; ``None`` treats all spots as one slide.
+
+    Returns
+    -------
+    Spots x pathways float32 array. Pathways without member genes are an error.
+    """
+    m = np.asarray(membership, dtype=np.float64)
+    if m.shape[0] != np.shape(expr)[1]:
+        raise ValueError(f"Membership has {m.shape[0]} genes, expression has {np.shape(expr)[1]}.")
+    n = m.sum(axis=0)
+    if (n == 0).any():
+        raise ValueError(f"{int((n == 0).sum())} pathways have no member gene among the given genes.")
+    return (zscore_by_group(expr, groups) @ m / n).astype(np.float32)
+
+
+def normalized_log1p(x, *, target_sum: float | None = 1e4) -> np.ndarray:
+    """``log1p`` of counts, scaled to ``target_sum`` per spot first (CP10k) unless ``None``."""
+    x = x.toarray() if sp.issparse(x) else np.asarray(x, dtype=np.float64)
+    x = x.astype(np.float64)
+    if target_sum is not None:
+        tot = x.sum(axis=1, keepdims=True)
+        x = np.divide(x * target_sum, tot, out=np.zeros_like(x), where=tot > 0)
+    return np.log1p(x)
+
+
+@doc_params(data=doc_data, table_key=doc_table_key, copy=doc_copy)
+def pathway_activity(
+    data: AnnData | SpatialData,
+    *,
+    gene_sets: str | os.PathLike | Mapping[str, Sequence[str]] = "hallmark",
+    layer: str | None = K.COUNTS_LAYER,
+    target_sum: float | None = 1e4,
+    min_genes: int = 5,
+    table_key: str | None = None,
+    key_added: str = K.PATHWAY_KEY,
+    inplace: bool = True,
+    copy: bool = False,
+) -> AnnData | SpatialData | pd.DataFrame | None:
+    """Per-spot pathway activity targets.
+
+    As in the SpatialTranscriptFormer design: counts are CP10k-normalised and ``log1p``-transformed,
+    every gene is z-scored over the spots of its slide, and each pathway's activity is the mean z-score
+    of its member genes present in the data. Default gene sets: MSigDB Hallmarks 2024.1 (Liberzon et
+    al. 2015, CC BY 4.0), read with gseapy.
+
+    Parameters
+    ----------
+    {data}
+    gene_sets
+        ``"hallmark"``, a GMT path, or a dict of set name to genes.
+    layer
+        Layer with raw counts (``None`` for ``X``).
+    target_sum
+        Per-spot total before ``log1p`` (``None``: no scaling).
+    min_genes
+        Gene sets with fewer member genes in the data are dropped (logged); if none remain, an error
+        says how many genes matched.
+    {table_key}
+    key_added
+        ``obsm`` key of the result (default ``"pathway_activity"``).
+    inplace
+        Write into ``data``; ``False`` returns the DataFrame and writes nothing.
+    {copy}
+
+    Returns
+    -------
+    ``None`` (or a copy with ``copy=True``), writing:
+
+    - ``table.obsm[key_added]``: spots x pathways :class:`~pandas.DataFrame`;
+    - ``table.uns[key_added]``: ``{{"pathways": [...], "n_genes": {{pathway: n}}, "params": {{...}}}}``.
+
+    With ``inplace=False`` the DataFrame is returned instead.
+    """
+    if copy:
+        data = copy_data(data)
+    adata = get_table(data, table_key)
+    sets = load_gene_sets(gene_sets)
+    genes = pd.Index(adata.var_names.astype(str))
+    all_members = {g for v in sets.values() for g in v}
+    matched = genes.isin(list(all_members))
+    if not matched.any():
+        raise ValueError(
+            f"None of the {len(all_members)} genes of the gene sets are in the data ({len(genes)} genes, "
+            f"e.g. {genes[:3].tolist()}); are var_names gene symbols?"
+        )
+    m = membership_matrix(sets, genes)
+    n = m.sum(axis=0)
+    keep = n >= min_genes
+    if not keep.any():
+        raise ValueError(
+            f"No gene set has >= {min_genes} genes in the data ({int(matched.sum())} of {len(all_members)} "
+            "gene-set genes matched); lower `min_genes` or use other gene sets."
+        )
+    if (~keep).any():
+        logger.info("pathway_activity: dropped %d gene sets with < %d genes", int((~keep).sum()), min_genes)
+    m = m.loc[matched, keep]
+    x = layer_matrix(adata, layer)
+    expr = normalized_log1p(x, target_sum=target_sum)[:, np.asarray(matched)]
+    if not np.isfinite(expr).all():
+        raise ValueError("Expression contains NaN/inf values.")
+    scores = pathway_scores_from_expression(expr, m.to_numpy(), groups=slide_ids(adata))
+    df = pd.DataFrame(scores, index=adata.obs_names, columns=m.columns)
+    if not inplace:
+        return df
+    adata.obsm[key_added] = df
+    adata.uns[key_added] = {
+        "pathways": list(m.columns),
+        "n_genes": {k: int(v) for k, v in m.sum(axis=0).items()},
+        "params": {"gene_sets": gene_sets if isinstance(gene_sets, str) else "custom", "layer": layer,
+                   "target_sum": target_sum, "min_genes": min_genes},
+    }
+    return data if copy else None
