@@ -1,3 +1,9 @@
 """Plots (matplotlib; scanpy-style keyword-only options)."""
 
-__all__: list[str] = []
+from ._attention import attention
+from ._history import history
+from ._metrics import metrics
+from ._pathways import pathways
+from ._spatial import spatial
+
+__all__ = ["attention", "history", "metrics", "pathways", "spatial"]

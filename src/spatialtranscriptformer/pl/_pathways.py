@@ -1,0 +1,198 @@
+"""Named pathway-score maps on the H&E."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from .. import _constants as K
+from .._docs import doc_data, doc_params, doc_table_key
+from ._utils import (
+    DEFAULT_MAX_SIDE,
+    as_list,
+    check_save,
+    draw_spots,
+    finish,
+    make_axes,
+    ncols_grid,
+    pearson,
+    single_slide_table,
+    slide_view,
+)
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+
+def pathway_frame(adata: AnnData, key: str) -> pd.DataFrame:
+    """``obsm[key]`` as a DataFrame with pathway names as columns (a clear error otherwise)."""
+    if key not in adata.obsm:
+        avail = [k for k in adata.obsm.keys() if isinstance(adata.obsm[k], pd.DataFrame)]
+        raise KeyError(
+            f"`obsm[{key!r}]` not found; pathway-score tables present: {avail or 'none'}. Predicted scores are "
+            f"written by `stf.tl.predict` ({K.PRED_PATHWAY_KEY!r}), targets by `stf.pp` ({K.PATHWAY_KEY!r})."
+        )
+    df = adata.obsm[key]
+    if not isinstance(df, pd.DataFrame):
+        raise ValueError(
+            f"`obsm[{key!r}]` must be a DataFrame with pathway names as columns, got {type(df).__name__}."
+        )
+    return df
+
+
+def resolve_names(requested: list, available: Sequence[str], *, what: str) -> list[str]:
+    """Match names exactly, then case-insensitively, then with the MSigDB ``HALLMARK_`` prefix."""
+    avail = [str(a) for a in available]
+    upper = {a.upper(): a for a in avail}
+    out, missing = [], []
+    for name in requested:
+        if isinstance(name, int | np.integer) and not isinstance(name, bool):
+            if not -len(avail) <= int(name) < len(avail):
+                raise IndexError(f"{what} index {name} out of range ({len(avail)} available).")
+            out.append(avail[int(name)])
+            continue
+        name = str(name)
+        hit = name if name in avail else upper.get(name.upper()) or upper.get(f"HALLMARK_{name.upper()}")
+        (out.append(hit) if hit is not None else missing.append(name))
+    if missing:
+        raise KeyError(
+            f"{what} not found: {missing}; available: {avail[:8]}{' ...' if len(avail) > 8 else ''}."
+        )
+    return out
+
+
+def score_norm(values: np.ndarray, center: float | None):
+    """Colour normalisation: symmetric around ``center`` when the values straddle it, else min-max."""
+    from matplotlib.colors import Normalize
+
+    v = values[np.isfinite(values)]
+    if not v.size:
+        return Normalize(0.0, 1.0)
+    lo, hi = float(v.min()), float(v.max())
+    if center is not None and lo < center < hi:
+        half = max(center - lo, hi - center)
+        return Normalize(center - half, center + half)
+    return Normalize(lo, hi if hi > lo else lo + 1e-9)
+
+
+@doc_params(data=doc_data, table_key=doc_table_key)
+def pathways(
+    data: Any,
+    *,
+    pathways: str | int | Sequence[str | int],
+    key: str | Sequence[str] = K.PRED_PATHWAY_KEY,
+    table_key: str | None = None,
+    ncols: int = 4,
+    image_key: str | None = None,
+    level: int | None = None,
+    max_side: int = DEFAULT_MAX_SIDE,
+    crop: bool = True,
+    show_image: bool = True,
+    spot_scale: float = 1.0,
+    cmap: str = "RdBu_r",
+    center: float | None = 0.0,
+    alpha: float = 1.0,
+    panel_size: tuple[float, float] = (4.0, 4.0),
+    ax: Axes | Sequence[Axes] | None = None,
+    show: bool | None = None,
+    save: str | os.PathLike | None = None,
+    return_fig: bool = False,
+) -> Figure | np.ndarray | None:
+    """Map named pathway scores on the H&E.
+
+    Shows where each pathway (e.g. an MSigDB Hallmark set, Liberzon et al. 2015) is active: the
+    predicted scores of :func:`spatialtranscriptformer.tl.predict` (``obsm['stf_pathways']``) or the
+    expression-derived targets (``obsm['pathway_activity']``). With several ``key`` s, each pathway is a
+    row and each key a column, and the panels after the first carry the Pearson r with the first key
+    across spots. Each panel has its own colour scale (scores and targets live on different scales).
+
+    Parameters
+    ----------
+    {data}
+    pathways
+        Pathway name(s) (columns of ``obsm[key]``; matched case-insensitively, the ``HALLMARK_`` prefix
+        may be left out) or column positions.
+    key
+        ``obsm`` key(s) holding a DataFrame of scores (spots x pathways).
+    {table_key}
+    ncols
+        Panels per row when a single ``key`` is shown.
+    image_key
+        Image element under the spots; default: the slide's H&E.
+    level
+        Pyramid level of the image (0 = full resolution); ``None`` picks one from ``max_side``.
+    max_side
+        Target longest side (px) of the displayed image crop.
+    crop
+        Crop the image to the spots.
+    show_image
+        Draw the H&E under the spots.
+    spot_scale
+        Multiplier of the physical spot radius.
+    cmap
+        Colormap (diverging by default).
+    center
+        Value at the colormap's centre when the scores straddle it; ``None`` for a min-max scale.
+    alpha
+        Opacity of the spots.
+    panel_size
+        Width and height (inches) of one panel.
+    ax
+        Axes to draw into, one per panel.
+    show
+        Show the figure; ``None``: show unless ``return_fig`` or ``ax`` is given.
+    save
+        File to write the figure to.
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure`.
+
+    Returns
+    -------
+    The figure if ``return_fig``, the array of axes if not shown, else ``None``.
+    """
+    save_path = check_save(save)
+    adata = single_slide_table(data, table_key)
+    keys = [str(k) for k in as_list(key, name="key")]
+    frames = [pathway_frame(adata, k) for k in keys]
+    names = resolve_names(as_list(pathways, name="pathways"), frames[0].columns, what="Pathways")
+    for k, df in zip(keys[1:], frames[1:], strict=True):
+        resolve_names(names, df.columns, what=f"Pathways of `obsm[{k!r}]`")
+    view = slide_view(
+        data,
+        adata,
+        image_key=image_key,
+        level=level,
+        max_side=max_side,
+        crop=crop,
+        spot_scale=spot_scale,
+        show_image=show_image,
+    )
+    if len(keys) == 1:
+        nrows, nc = ncols_grid(len(names), ncols) if ax is None else (1, len(names))
+        panels = [(n, keys[0], frames[0]) for n in names]
+    else:
+        nrows, nc = len(names), len(keys)
+        panels = [(n, k, df) for n in names for k, df in zip(keys, frames, strict=True)]
+    fig, axes = make_axes(nrows, nc, ax=ax, panel_size=panel_size)
+    flat = axes.ravel()
+    for i, (name, k, df) in enumerate(panels):
+        a = flat[i]
+        vals = np.asarray(pd.to_numeric(df[name], errors="coerce"), dtype=float)
+        coll = draw_spots(a, view, vals, cmap=cmap, norm=score_norm(vals, center), alpha=alpha)
+        title = name
+        if len(keys) > 1:
+            title = f"{name} · {k}"
+            if k != keys[0]:
+                r = pearson(np.asarray(frames[0][name], dtype=float), vals)
+                title += f"\nPearson r = {r:.2f}" if np.isfinite(r) else "\nPearson r = n/a"
+        a.set_title(title)
+        fig.colorbar(coll, ax=a, shrink=0.7, label="score")
+    for a in flat[len(panels) :]:
+        a.set_visible(False)
+    return finish(fig, axes, show=show, save=save_path, return_fig=return_fig, user_ax=ax is not None)

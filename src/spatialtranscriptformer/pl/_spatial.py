@@ -1,0 +1,196 @@
+"""Observed vs predicted expression maps on the H&E."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from .. import _constants as K
+from .._docs import doc_data, doc_params, doc_table_key
+from ._utils import (
+    DEFAULT_MAX_SIDE,
+    as_list,
+    check_save,
+    draw_spots,
+    finish,
+    make_axes,
+    pearson,
+    single_slide_table,
+    slide_view,
+)
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+X_LAYER = "X"
+"""Name that selects ``adata.X`` in ``layers=``."""
+
+
+def _layer_matrix(adata: AnnData, layer: str):
+    if layer == X_LAYER:
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(
+            f"Layer {layer!r} not found in the table; available layers: {[X_LAYER, *adata.layers.keys()]}. "
+            f"Predictions are written by `stf.tl.predict` (layer {K.PRED_KEY!r})."
+        )
+    return adata.layers[layer]
+
+
+def _holds_counts(adata: AnnData, layer: str) -> bool:
+    """Whether a layer holds raw counts: the counts layer, an integer dtype, or integer-valued floats."""
+    if layer == K.COUNTS_LAYER:
+        return True
+    m = _layer_matrix(adata, layer)
+    if m is None:
+        return False
+    vals = m.data if sp.issparse(m) else np.asarray(m).ravel()
+    if np.issubdtype(vals.dtype, np.integer):
+        return True
+    sample = vals[:100_000]
+    sample = sample[np.isfinite(sample)]
+    return bool(sample.size) and bool(np.all(sample == np.round(sample))) and bool((sample >= 0).all())
+
+
+@doc_params(data=doc_data, table_key=doc_table_key)
+def spatial(
+    data: Any,
+    *,
+    genes: str | Sequence[str],
+    layers: Sequence[str] = (K.COUNTS_LAYER, K.PRED_KEY),
+    log1p: bool | Sequence[str] = True,
+    table_key: str | None = None,
+    image_key: str | None = None,
+    level: int | None = None,
+    max_side: int = DEFAULT_MAX_SIDE,
+    crop: bool = True,
+    show_image: bool = True,
+    spot_scale: float = 1.0,
+    cmap: str = "viridis",
+    alpha: float = 1.0,
+    panel_size: tuple[float, float] = (4.0, 4.0),
+    ax: Axes | Sequence[Axes] | None = None,
+    show: bool | None = None,
+    save: str | os.PathLike | None = None,
+    return_fig: bool = False,
+) -> Figure | np.ndarray | None:
+    """Observed vs predicted expression of genes, side by side on the H&E.
+
+    One row per gene, one column per layer (default: observed counts, then the prediction of
+    :func:`spatialtranscriptformer.tl.predict`). The colour scale is shared across the layers of a
+    gene, so a map that is too flat or too bright stands out. Every panel after the first carries the
+    Pearson r of its values with the first layer's, per gene across the spots where both are defined
+    (the spot-level metric of the HEST-Benchmark, Jaume et al. 2024). Spots are drawn at their
+    physical size (``uns['stf_slide']['spot_diameter_um']``) over the H&E.
+
+    Parameters
+    ----------
+    {data}
+    genes
+        Gene name(s) in ``var_names``; one row each.
+    layers
+        Layers to show, one column each; the first is the reference for Pearson r. ``"X"`` selects
+        ``adata.X``.
+    log1p
+        ``True``: apply ``log1p`` to the layers holding raw counts (the ``"counts"`` layer and any layer
+        with non-negative integer values), putting them on the log1p scale of the predictions. A
+        sequence names the layers to transform; ``False`` transforms none.
+    {table_key}
+    image_key
+        Image element to draw under the spots; default: the slide's H&E (``uns['stf_slide']``).
+    level
+        Pyramid level of the image (0 = full resolution); ``None`` picks the coarsest level whose
+        crop still has ``max_side`` px.
+    max_side
+        Target longest side (px) of the displayed image crop.
+    crop
+        Crop the image to the spots.
+    show_image
+        Draw the H&E under the spots.
+    spot_scale
+        Multiplier of the physical spot radius.
+    cmap
+        Colormap.
+    alpha
+        Opacity of the spots.
+    panel_size
+        Width and height (inches) of one panel.
+    ax
+        Axes to draw into, one per panel (rows x columns, row-major).
+    show
+        Show the figure; ``None``: show unless ``return_fig`` or ``ax`` is given.
+    save
+        File to write the figure to (format from the extension).
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure`.
+
+    Returns
+    -------
+    The figure if ``return_fig``, the (genes x layers) array of axes if not shown, else ``None``.
+    """
+    from matplotlib.colors import Normalize
+
+    save_path = check_save(save)
+    adata = single_slide_table(data, table_key)
+    genes = [str(g) for g in as_list(genes, name="genes")]
+    layers = [str(layer) for layer in as_list(layers, name="layers")]
+    missing = [g for g in genes if g not in adata.var_names]
+    if missing:
+        raise KeyError(f"Genes not in the table's var_names: {missing[:10]} ({len(missing)} missing).")
+    for layer in layers:
+        _layer_matrix(adata, layer)
+    if isinstance(log1p, bool):
+        to_log = {layer for layer in layers if log1p and _holds_counts(adata, layer)}
+    else:
+        to_log = {str(x) for x in as_list(log1p, name="log1p")}
+        unknown = to_log - set(layers)
+        if unknown:
+            raise ValueError(
+                f"`log1p` names layers that are not plotted: {sorted(unknown)} (layers={layers})."
+            )
+
+    values: dict[tuple[str, str], np.ndarray] = {}
+    for layer in layers:
+        for g in genes:
+            v = np.asarray(adata.obs_vector(g, layer=None if layer == X_LAYER else layer), dtype=float)
+            if layer in to_log:
+                if np.nanmin(v, initial=0.0) < 0:
+                    raise ValueError(f"Layer {layer!r} has negative values for {g!r}; cannot apply log1p.")
+                v = np.log1p(v)
+            values[(g, layer)] = v
+
+    view = slide_view(
+        data,
+        adata,
+        image_key=image_key,
+        level=level,
+        max_side=max_side,
+        crop=crop,
+        spot_scale=spot_scale,
+        show_image=show_image,
+    )
+    fig, axes = make_axes(len(genes), len(layers), ax=ax, panel_size=panel_size)
+    for i, g in enumerate(genes):
+        stacked = np.concatenate([values[(g, layer)] for layer in layers])
+        finite = stacked[np.isfinite(stacked)]
+        vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        norm = Normalize(vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1e-9)
+        ref = values[(g, layers[0])]
+        coll = None
+        for j, layer in enumerate(layers):
+            a = axes[i, j]
+            coll = draw_spots(a, view, values[(g, layer)], cmap=cmap, norm=norm, alpha=alpha)
+            title = f"{g} · {layer}"
+            if j > 0:
+                r = pearson(ref, values[(g, layer)])
+                title += f"\nPearson r = {r:.2f}" if np.isfinite(r) else "\nPearson r = n/a"
+            a.set_title(title)
+        label = "log1p expression" if to_log & set(layers) else "expression"
+        fig.colorbar(coll, ax=list(axes[i, :]), shrink=0.8, label=label)
+    return finish(fig, axes, show=show, save=save_path, return_fig=return_fig, user_ax=ax is not None)
