@@ -322,8 +322,8 @@ def test_attention_from_module_maps(slide):
     rng = np.random.default_rng(2)
     maps = [rng.random((1, heads, n_path + n, n_path + n)) for _ in range(2)]
 
-    class Fitted:  # only `pathway_names` is read when weights are given
-        pathway_names = PATHWAYS
+    class Fitted:  # only `pathways` is read when weights are given
+        pathways = PATHWAYS
 
     axs = stf.pl.attention(Fitted(), slide, weights=maps, layer=0, pathway="hypoxia", show=False)
     assert axs.shape == (1, 1)
@@ -350,3 +350,40 @@ def test_attention_arrays_and_model_method(slide, tmp_path):
         stf.pl.attention(object(), slide, show=False)
     with pytest.raises(ValueError, match="S = "):
         stf.pl.attention(None, slide, weights=np.zeros((2, 5)), show=False)
+
+
+@pytest.mark.slow
+def test_attention_runs_the_fitted_module(slide):
+    """A fitted STF module is run on the slide: the maps are its head-averaged P->H attention."""
+    import types
+
+    import torch
+
+    from spatialtranscriptformer.module._stf import SpatialTranscriptFormer
+
+    table = slide.tables["table"].copy()
+    rng = np.random.default_rng(4)
+    table.obsm["X_test"] = rng.normal(size=(table.n_obs, 8)).astype(np.float32)
+    torch.manual_seed(0)
+    module = SpatialTranscriptFormer(8, table.n_vars, token_dim=16, n_heads=2, n_layers=2, num_pathways=3)
+    fitted = types.SimpleNamespace(module=module, embedding_key="X_test", pathways=PATHWAYS)
+    before = snapshot(table)
+    axs = stf.pl.attention(fitted, table, layer=1, show_image=False, device="cpu", show=False)
+    assert [a.get_title() for a in axs.ravel()] == [f"{p}\nattention, layer 1" for p in PATHWAYS]
+    xy = torch.from_numpy((table.obsm["spatial"] * table.uns["stf_slide"]["mpp"]).astype(np.float32))[None]
+    with torch.inference_mode():
+        out = module.eval()(
+            torch.from_numpy(table.obsm["X_test"])[None],
+            xy,
+            torch.ones(1, table.n_obs, dtype=torch.bool),
+            return_attention=True,
+        )
+    expected = out["attention"][1][0].mean(0)[:3, 3:].numpy()
+    for i in range(3):
+        got = np.asarray(collections_of(axs.ravel()[i])[0].get_array())
+        np.testing.assert_allclose(got, expected[i], rtol=1e-5, atol=1e-7)
+    assert_unchanged(before, table)
+    with pytest.raises(TypeError, match="pathway tokens"):
+        stf.pl.attention(
+            types.SimpleNamespace(module=module, embedding_key="X_test", pathways=None), table, show=False
+        )

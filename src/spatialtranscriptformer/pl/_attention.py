@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .._data import get_embedding, slide_mpp, spot_coords
 from .._docs import doc_data, doc_params, doc_table_key
 from ._pathways import resolve_names
 from ._utils import (
@@ -24,6 +25,7 @@ from ._utils import (
 )
 
 if TYPE_CHECKING:
+    from anndata import AnnData
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
@@ -79,6 +81,53 @@ def attention_frame(
     return pd.DataFrame(w.T, index=obs_names, columns=[str(n) for n in names])
 
 
+MAX_ATTENTION_SPOTS = 20_000
+"""Largest slide whose explicit attention maps (O((P + S)^2) memory per layer) are computed."""
+
+
+def model_attention(model: Any, adata: AnnData, *, device: str | None = None) -> list:
+    """Per-layer attention maps of a fitted SpatialTranscriptFormer on one slide (whole slide, no windows).
+
+    Runs ``model.module(x, coords, mask, return_attention=True)`` on the slide's embeddings
+    ``obsm[model.embedding_key]`` and spot centres in µm, as :func:`spatialtranscriptformer.tl.predict`
+    feeds them.
+    """
+    module = getattr(model, "module", None)
+    if (
+        module is None
+        or not callable(getattr(module, "forward", None))
+        or not getattr(model, "pathways", None)
+    ):
+        raise TypeError(
+            f"`model` ({type(model).__name__}) is not a fitted model with pathway tokens (a `.module` and "
+            "`.pathways`, e.g. `stf.tl.fit(..., model='stf')`); pass precomputed attention maps with `weights=`."
+        )
+    if adata.n_obs > MAX_ATTENTION_SPOTS:
+        raise ValueError(
+            f"The slide has {adata.n_obs} spots; explicit attention maps need O((P + S)^2) memory per layer. "
+            f"Plot a region (at most {MAX_ATTENTION_SPOTS} spots) or pass `weights=`."
+        )
+    import torch
+
+    from .._settings import settings
+
+    x = get_embedding(adata, model.embedding_key)
+    coords = (spot_coords(adata) * slide_mpp(adata)).astype(np.float32)
+    dev = settings.torch_device(device)
+    module = module.to(dev).eval()
+    with torch.inference_mode():
+        out = module(
+            torch.from_numpy(x).unsqueeze(0).to(dev),
+            torch.from_numpy(coords).unsqueeze(0).to(dev),
+            torch.ones(1, len(x), dtype=torch.bool, device=dev),
+            return_attention=True,
+        )
+    maps = out.get("attention") if isinstance(out, dict) else None
+    if not maps:
+        raise TypeError(f"The model's module ({type(module).__name__}) returned no attention maps.")
+    return [m.float().cpu().numpy() for m in maps]
+
+
 @doc_params(data=doc_data, table_key=doc_table_key)
 def attention(
     model: Any,
@@ -88,6 +137,7 @@ def attention(
     layer: int = -1,
     weights: Any = None,
     table_key: str | None = None,
+    device: str | None = None,
     ncols: int = 4,
     image_key: str | None = None,
     level: int | None = None,
@@ -113,9 +163,11 @@ def attention(
     Parameters
     ----------
     model
-        A fitted model exposing ``attention(data, *, layer, table_key)`` that returns a DataFrame
-        (spots x pathway tokens) of head-averaged pathway-to-patch attention; may be ``None`` when
-        ``weights`` is given (its ``pathway_names``, if any, then name the tokens).
+        A fitted model with pathway tokens from :func:`spatialtranscriptformer.tl.fit` (``model="stf"``):
+        its module is run once on the whole slide (embeddings ``obsm[model.embedding_key]``) with
+        ``return_attention=True``; its ``pathways`` name the tokens. An object with a method
+        ``attention(data, *, layer, table_key)`` returning a DataFrame (spots x pathways) is asked
+        instead. May be ``None`` when ``weights`` is given.
     {data}
     pathway
         Pathway token(s) to show, by name (case-insensitive, ``HALLMARK_`` prefix optional) or position;
@@ -127,6 +179,8 @@ def attention(
         ``(S,)`` or ``(P, S)``, one layer's ``(heads, P + S, P + S)`` map, or the module's list of per-layer
         maps (``return_attention=True`` output, batch of one slide).
     {table_key}
+    device
+        Torch device for the forward pass (``None``: ``stf.settings.device``).
     ncols
         Panels per row.
     image_key
@@ -165,13 +219,11 @@ def attention(
     save_path = check_save(save)
     adata = single_slide_table(data, table_key)
     if weights is None:
-        if model is None or not callable(getattr(model, "attention", None)):
-            raise TypeError(
-                f"`model` ({type(model).__name__}) has no `attention(data, *, layer, table_key)` method; pass "
-                "precomputed attention maps with `weights=`."
-            )
-        weights = model.attention(data, layer=layer, table_key=table_key)
-    names = getattr(model, "pathway_names", None) if model is not None else None
+        if callable(getattr(model, "attention", None)):
+            weights = model.attention(data, layer=layer, table_key=table_key)
+        else:
+            weights = model_attention(model, adata, device=device)
+    names = getattr(model, "pathways", None) if model is not None else None
     df = attention_frame(weights, n_spots=adata.n_obs, obs_names=adata.obs_names, layer=layer, names=names)
     if pathway is None:
         chosen = list(df.columns[:12])
