@@ -195,4 +195,6 @@ def build_slide(
             chunks=(3, chunks, chunks),
             transformations=tf,
         )
+        if scale_factors:  # the pyramid of an in-memory image: compute the levels once, keep them as dask
+            images[image_key] = images[image_key].persist()
     return SpatialData(images=images, shapes={shapes_key: shapes}, tables={table_key: table})

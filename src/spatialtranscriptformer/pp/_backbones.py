@@ -310,9 +310,10 @@ def get_backbone(
 
     if isinstance(backbone, str):
         spec = get_spec(backbone)
+        load = spec.is_torch and spec.needs_weights and weights != RANDOM
+        path = find_weights(spec, weights) if load else None  # fail fast, before building a large model
         model = spec.build(spec)
-        if spec.is_torch and spec.needs_weights and weights != RANDOM:
-            path = find_weights(spec, weights)
+        if load:
             sd = read_state_dict(path)
             if spec.key_map is not None:
                 sd = spec.key_map(sd)
