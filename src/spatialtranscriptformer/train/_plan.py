@@ -9,6 +9,7 @@ the spatial Pearson correlation at real spots only.
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import tempfile
@@ -155,16 +156,22 @@ class TrainingPlan(L.LightningModule):
 
 
 class EpochSeed(Callback):
-    """Seed the crops, the slide order and torch's RNG (dropout) from ``(seed, epoch, rank)``."""
+    """Seed the crops, the slide order and torch's RNG (dropout) from ``(seed, epoch, batch, rank)``.
+
+    Lightning sets the sampler's epoch (hence the crops) before every epoch; under DDP the sampler is
+    wrapped, so the epoch hook sets it too. Torch's RNG is re-seeded before every batch, so a run
+    resumed from a checkpoint continues exactly as an uninterrupted one.
+    """
 
     def __init__(self, dataset: SlideDataset, sampler: EpochSampler, seed: int) -> None:
         self.dataset, self.sampler, self.seed = dataset, sampler, seed
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: D102
-        e = trainer.current_epoch
-        self.dataset.set_epoch(e)
-        self.sampler.epoch = e
-        torch.manual_seed(int(np.random.default_rng([self.seed, e, trainer.global_rank]).integers(2**62)))
+        self.sampler.set_epoch(trainer.current_epoch)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:  # noqa: D102
+        key = [self.seed, trainer.current_epoch, batch_idx, trainer.global_rank]
+        torch.manual_seed(int(np.random.default_rng(key).integers(2**62)))
 
 
 class History(Callback):
@@ -263,9 +270,15 @@ def run_training(
         max_epochs=max_epochs, accelerator=accelerator, devices=devices, strategy=strategy or "auto",
         gradient_clip_val=gradient_clip_val, enable_progress_bar=progress, callbacks=callbacks, **kw,
     )
+    quiet = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda")]
+    levels = [lg.level for lg in quiet]
     try:
+        for lg in quiet:  # Lightning's set-up chatter (device summary, tips); our logger reports each epoch
+            lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*but have no `val_dataloader`.*")
+            warnings.filterwarnings("ignore", message=".*The dirpath has changed from.*")
             warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
             warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
             trainer.fit(plan, train_dl, val_dl, ckpt_path=None if resume_from is None else str(resume_from))
@@ -276,6 +289,8 @@ def run_training(
             best_epoch = int(state["epoch"])
         trainer.strategy.barrier()
     finally:
+        for lg, lv in zip(quiet, levels, strict=True):
+            lg.setLevel(lv)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     module.eval()
