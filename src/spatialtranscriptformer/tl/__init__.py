@@ -1,3 +1,9 @@
 """Tools: fit models, predict expression and pathway scores, evaluate."""
 
-__all__: list[str] = []
+from ._cross_validate import cross_validate
+from ._evaluate import evaluate
+from ._fit import fit
+from ._model import TrainedModel
+from ._predict import predict
+
+__all__ = ["TrainedModel", "cross_validate", "evaluate", "fit", "predict"]

@@ -1,0 +1,321 @@
+"""``stf.tl.fit``: train an expression model on frozen embeddings of one or several slides."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from .. import _constants as K
+from .._docs import doc_params, doc_progress, doc_slides, doc_table_key
+from .._logging import logger
+from ._model import TrainedModel
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+ALL_INTERACTIONS = ("p2p", "p2h", "h2p", "h2h")
+_LOSSES = ("mse", "pcc", "mse_pcc", "zinb", "poisson")
+_SPECIAL = ("ridge", "superres")
+
+
+def default_embedding_key(refs) -> str:
+    """The only ``obsm['X_*']`` key shared by all slides; a ``KeyError`` lists them otherwise."""
+    keys = None
+    for r in refs:
+        ks = {k for k in r.table.obsm.keys() if k.startswith(K.EMBEDDING_PREFIX)}
+        keys = ks if keys is None else keys & ks
+    if not keys or len(keys) > 1:
+        raise KeyError(
+            f"Pass `embedding_key=`: the slides share {sorted(keys) if keys else 'no'} `obsm['X_*']` embeddings "
+            "(compute one with `stf.pp.embed`)."
+        )
+    return next(iter(keys))
+
+
+def _membership(gene_sets, genes: list[str], *, required: bool):
+    """Genes x pathways membership restricted to pathways with a member among ``genes`` (or None)."""
+    from ..pp._gene_sets import membership_matrix
+
+    try:
+        m = membership_matrix(gene_sets, genes, min_genes=0)
+    except ValueError as err:
+        if required:
+            raise ValueError(
+                f"No gene set has a member among the {len(genes)} model genes ({err}); choose more genes "
+                "(`genes=`) or other gene sets (`gene_sets=`)."
+            ) from None
+        warnings.warn(f"Pathway tokens stay unnamed: {err}", stacklevel=3)
+        return None
+    empty = m.columns[m.sum(0) == 0].tolist()
+    if empty:
+        logger.info("%d of %d pathways have no member among the model genes and are dropped: %s",
+                    len(empty), m.shape[1], empty[:10])
+        m = m.loc[:, m.sum(0) > 0]
+    if m.shape[1] == 0:
+        raise ValueError("No pathway has a member among the model genes; choose more genes (`genes=`).")
+    return m
+
+
+@doc_params(data=doc_slides, table_key=doc_table_key, progress=doc_progress)
+def fit(
+    data: AnnData | SpatialData | Sequence[AnnData | SpatialData],
+    *,
+    model: str = "stf",
+    embedding_key: str | None = None,
+    genes: int | Sequence[str] = 50,
+    layer: str | None = K.COUNTS_LAYER,
+    slide_key: str = K.SLIDE_KEY,
+    patient_key: str = K.PATIENT_KEY,
+    loss: Literal["mse", "pcc", "mse_pcc", "zinb", "poisson"] = "mse_pcc",
+    log_transform: bool = True,
+    pcc_weight: float = 1.0,
+    pathway_loss_weight: float = 0.0,
+    gene_sets: str | os.PathLike | Mapping[str, Sequence[str]] | None = "hallmark",
+    pathway_init: bool = False,
+    interactions: Sequence[str] = ALL_INTERACTIONS,
+    level: Literal["spot", "slide"] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    validation: Literal["patient", "slide"] | Sequence[str] | None = "patient",
+    val_fraction: float = 0.2,
+    min_counts: float = 1,
+    max_epochs: int = 100,
+    lr: float = 5e-4,
+    weight_decay: float = 1e-2,
+    warmup_epochs: int = 5,
+    batch_size: int = 1,
+    max_spots: int | None = 4096,
+    crop: Literal["spatial", "random"] = "spatial",
+    augment: bool = True,
+    early_stopping_patience: int | None = 15,
+    monitor: Literal["val_loss", "val_pcc"] = "val_loss",
+    gradient_clip_val: float | None = 1.0,
+    accelerator: str = "auto",
+    devices: int | str | Sequence[int] = "auto",
+    strategy: str | None = None,
+    seed: int = 0,
+    resume_from: str | os.PathLike | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+    table_key: str | None = None,
+    **trainer_kwargs: Any,
+) -> TrainedModel:
+    """Train a model that predicts spot expression from frozen histology embeddings.
+
+    Trains the SpatialTranscriptFormer (pathway tokens + quadrant attention, see
+    :class:`~spatialtranscriptformer.module._stf.SpatialTranscriptFormer`), a registered baseline, or the
+    HEST-Benchmark ridge probe (Jaume et al. 2024) with PyTorch Lightning: AdamW, linear warm-up then
+    cosine decay, gradient clipping, early stopping on the validation slides and restoration of the best
+    weights, dihedral augmentation of the coordinates and random spatial crops of large slides.
+
+    Parameters
+    ----------
+    {data}
+        Each table may hold several slides (``obs[slide_key]``).
+    model
+        A registered model (``"stf"``, ``"he2rna"``, ``"attention_mil"``, ``"transmil"``) or ``"ridge"``.
+    embedding_key
+        ``obsm`` key of the embeddings; ``None`` uses the only ``X_*`` key shared by the slides.
+    genes
+        Number of most variable genes, chosen on the *training* slides only (HEST convention: variance
+        of log1p counts), or a list of gene names (all must be in every slide).
+    layer
+        Layer with raw counts (``None``: ``X``).
+    slide_key, patient_key
+        ``obs`` columns with slide and patient ids (patients drive the validation split).
+    loss
+        ``"mse"``, ``"pcc"``, ``"mse_pcc"`` (on log1p counts when ``log_transform``), ``"zinb"`` or
+        ``"poisson"`` (raw integer counts; ``log_transform`` does not apply).
+    log_transform
+        Train the Gaussian losses on ``log1p`` counts.
+    pcc_weight
+        Weight of the PCC term of ``mse_pcc``.
+    pathway_loss_weight
+        Weight of the auxiliary pathway loss (``"stf"``): targets are the per-slide z-scored
+        log1p-CP10k expression of the model genes averaged over the members of each pathway.
+    gene_sets
+        Gene sets naming the pathway tokens of ``"stf"`` (``"hallmark"``, a GMT path or a dict); pathways
+        without a member among the genes are dropped. ``None``: unnamed tokens.
+    pathway_init
+        Initialise the STF gene reconstructor from the membership matrix.
+    interactions
+        Enabled STF attention flows (``"p2p"``, ``"p2h"``, ``"h2p"``, ``"h2h"``).
+    level
+        ``"spot"`` (dense) or ``"slide"`` (one vector per slide); default: the model's first level.
+    model_kwargs
+        More model hyperparameters (e.g. ``token_dim``, ``n_layers``, ``dropout`` for ``"stf"``;
+        ``n_components`` for ``"ridge"``).
+    validation
+        ``"patient"`` (hold out ``val_fraction`` of the patients; one patient -> held-out slides, logged),
+        ``"slide"``, ``None`` or a list of slide ids. A single slide trains without validation (logged):
+        no early stopping, the last weights are kept.
+    val_fraction
+        Fraction of patients / slides used for validation.
+    min_counts
+        Spots with fewer total counts in ``layer`` fail QC and are left out (never trained on zeros).
+    max_epochs, lr, weight_decay, warmup_epochs
+        Optimisation (AdamW; warm-up then cosine decay per step).
+    batch_size
+        Slides per step (padded to the longest).
+    max_spots
+        Spots per slide per training step; larger slides are cropped (``crop``). Validation uses whole slides.
+    crop
+        ``"spatial"`` (nearest spots of a random centre) or ``"random"`` (uniform subset).
+    augment
+        Random flips / quarter-turns of the coordinates.
+    early_stopping_patience
+        Epochs without improvement of ``monitor`` before stopping (``None``: never).
+    monitor
+        Metric for early stopping and best-weight restoration.
+    gradient_clip_val
+        Gradient-norm clipping (``None``: off).
+    accelerator, devices, strategy
+        Lightning ``Trainer`` settings; ``strategy="ddp"`` trains on several GPUs / nodes (each process
+        runs the script: save the model where ``model.is_global_zero``).
+    seed
+        Seed of the split, initialisation, crops and dropout (runs on CPU are reproducible).
+    resume_from
+        A checkpoint (e.g. ``<checkpoint_dir>/last.ckpt``) of an interrupted run with the same data and
+        settings, continued to ``max_epochs``.
+    checkpoint_dir
+        Folder for ``best.ckpt`` / ``last.ckpt`` (kept; needed to resume). ``None``: a temporary folder.
+    {progress}
+    {table_key}
+    **trainer_kwargs
+        More :class:`lightning.pytorch.Trainer` arguments (e.g. ``precision``, ``callbacks``).
+
+    Returns
+    -------
+    A :class:`~spatialtranscriptformer.tl.TrainedModel` with ``history`` (per-epoch train/val loss and val
+    PCC: the mean over genes of the Pearson r across the spots of each validation slide, averaged over
+    slides; for slide-level models the Pearson r across genes of the slide's mean profile).
+    """
+    from ..train._data import build_slide_arrays, check_embeddings, check_genes, collect_slides
+    from ..train._splits import split_validation
+
+    if model == "superres":  # dispatch point of the super-resolution decoder
+        if importlib.util.find_spec("spatialtranscriptformer.tl._superres") is None:
+            raise ValueError("model='superres' is not available in this version of spatialtranscriptformer.")
+        from . import _superres
+
+        return _superres.fit_superres(data, **trainer_kwargs)
+    if model != "ridge":
+        from ..module._registry import get_model_entry
+
+        entry = get_model_entry(model)
+        level = entry.levels[0] if level is None else level
+        if level not in entry.levels:
+            raise ValueError(f"Model {model!r} supports level(s) {list(entry.levels)}, not {level!r}.")
+    elif level not in (None, "spot"):
+        raise ValueError("The ridge probe predicts single spots: level must be 'spot'.")
+    level = level or "spot"
+    if loss not in _LOSSES:
+        raise ValueError(f"Unknown loss {loss!r}; valid losses: {list(_LOSSES)}.")
+    if model == "ridge" and loss != "mse":
+        loss = "mse"  # the ridge probe is a least-squares fit
+    if model != "stf" and (pathway_init or pathway_loss_weight > 0 or tuple(interactions) != ALL_INTERACTIONS):
+        raise ValueError("pathway_init, pathway_loss_weight and interactions apply to model='stf' only.")
+    for name, val in (("max_epochs", max_epochs), ("batch_size", batch_size)):
+        if int(val) < 1:
+            raise ValueError(f"{name} must be >= 1, got {val}.")
+    if monitor not in ("val_loss", "val_pcc"):
+        raise ValueError(f"monitor must be 'val_loss' or 'val_pcc', got {monitor!r}.")
+
+    refs = collect_slides(data, slide_key=slide_key, patient_key=patient_key, table_key=table_key)
+    embedding_key = embedding_key or default_embedding_key(refs)
+    input_dim = check_embeddings(refs, embedding_key)
+    train_ids, val_ids = split_validation(
+        [r.slide_id for r in refs], [r.patient_id for r in refs],
+        validation=None if model == "ridge" else validation, val_fraction=val_fraction, seed=seed,
+    )
+    if val_ids:
+        logger.info("Validation slides: %s; training slides: %s.", val_ids, train_ids)
+    if isinstance(genes, int | np.integer):
+        from ..pp._genes import select_top_genes
+
+        genes = select_top_genes([r.table[r.rows] for r in refs if r.slide_id in set(train_ids)], int(genes), layer=layer)
+    genes = [str(g) for g in genes]
+    check_genes(refs, genes)
+
+    membership = None
+    if model == "stf" and gene_sets is not None:
+        membership = _membership(gene_sets, genes, required=pathway_init or pathway_loss_weight > 0)
+    elif model == "stf" and (pathway_init or pathway_loss_weight > 0):
+        raise ValueError("pathway_init / pathway_loss_weight need gene sets (`gene_sets=`).")
+    slides = {
+        r.slide_id: build_slide_arrays(
+            r, embedding_key=embedding_key, genes=genes, layer=layer, loss=loss, log_transform=log_transform,
+            min_counts=min_counts, membership=None if pathway_loss_weight <= 0 else membership.to_numpy(),
+        )
+        for r in refs
+    }
+    train = [slides[s] for s in train_ids]
+    val = [slides[s] for s in val_ids]
+    fit_params = {
+        "embedding_key": embedding_key, "layer": layer, "loss": loss, "log_transform": log_transform,
+        "pcc_weight": pcc_weight, "pathway_loss_weight": pathway_loss_weight, "min_counts": min_counts,
+        "train_slides": train_ids, "val_slides": val_ids, "max_epochs": max_epochs, "lr": lr,
+        "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "batch_size": batch_size,
+        "max_spots": max_spots, "crop": crop, "augment": augment, "early_stopping_patience": early_stopping_patience,
+        "monitor": monitor, "gradient_clip_val": gradient_clip_val, "seed": seed,
+        "gene_sets": gene_sets if isinstance(gene_sets, str | type(None)) else str(type(gene_sets).__name__),
+    }
+    common = {"genes": genes, "embedding_key": embedding_key, "input_dim": input_dim, "loss": loss,
+              "log_transform": log_transform, "fit_params": fit_params}
+
+    if model == "ridge":
+        from ..module._ridge import RidgeProbe
+
+        probe = RidgeProbe(**dict(model_kwargs or {})).fit(
+            np.concatenate([s.x for s in train]), np.concatenate([s.y for s in train])
+        )
+        return TrainedModel(probe, model_name="ridge", level="spot", model_kwargs=dict(model_kwargs or {}), **common)
+
+    import lightning as L
+
+    from .._settings import settings
+    from ..module._registry import build_model
+    from ..train._plan import META_KEY, read_checkpoint, run_training
+
+    hp: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {"gene_means": np.concatenate([s.y for s in train]).mean(0).astype(np.float32)}
+    if model == "stf":
+        hp.update(interactions=list(interactions), pathway_init=bool(pathway_init))
+        if membership is not None:
+            arrays["pathway_membership"] = membership.to_numpy(dtype=np.float32)
+    for k, v in dict(model_kwargs or {}).items():  # arrays are stored as .npz on save, the rest as JSON
+        (arrays if isinstance(v, np.ndarray) else hp)[k] = v
+    L.seed_everything(seed, workers=True, verbose=False)
+    module = build_model(model, input_dim, len(genes), level=level, loss=loss, **hp, **arrays)
+    pathways = membership.columns.tolist() if membership is not None else None
+    if pathways is None and model == "stf":
+        pathways = [f"pathway_{i}" for i in range(module.num_pathways)]
+    meta = {"model": model, "genes": genes, "embedding_key": embedding_key, "input_dim": input_dim, "loss": loss,
+            "level": level}
+    if resume_from is not None:
+        old = read_checkpoint(resume_from).get(META_KEY)
+        if old is None:
+            raise ValueError(f"{resume_from} is not a checkpoint written by stf.tl.fit.")
+        diff = [k for k in meta if old.get(k) != meta[k]]
+        if diff:
+            raise ValueError(f"Cannot resume from {resume_from}: {diff} differ from this run's settings.")
+    res = run_training(
+        module, train, val,
+        plan_kwargs={"loss": loss, "pcc_weight": pcc_weight, "pathway_loss_weight": pathway_loss_weight, "lr": lr,
+                     "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "meta": meta},
+        max_epochs=int(max_epochs), batch_size=int(batch_size), max_spots=max_spots, crop=crop, augment=augment,
+        early_stopping_patience=early_stopping_patience, monitor=monitor, accelerator=accelerator, devices=devices,
+        strategy=strategy, seed=seed, resume_from=resume_from, checkpoint_dir=checkpoint_dir,
+        progress=settings.progress if progress is None else bool(progress), gradient_clip_val=gradient_clip_val,
+        trainer_kwargs=trainer_kwargs,
+    )
+    module = module.cpu().eval()
+    return TrainedModel(
+        module, model_name=model, level=level, pathways=pathways, model_kwargs=hp, model_arrays=arrays,
+        history=res["history"], best_epoch=res["best_epoch"], is_global_zero=res["is_global_zero"], **common,
+    )

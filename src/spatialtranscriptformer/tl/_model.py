@@ -1,0 +1,278 @@
+"""The trained-model object returned by :func:`spatialtranscriptformer.tl.fit`: predict, save, load."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .._logging import logger
+
+FORMAT = "spatialtranscriptformer.model"
+FORMAT_VERSION = 1
+_CONFIG, _WEIGHTS, _ARRAYS, _RIDGE, _HISTORY = "config.json", "weights.pt", "arrays.npz", "ridge.npz", "history.csv"
+
+
+def spatial_windows(coords: np.ndarray, window_spots: int | None) -> list[tuple[np.ndarray, int]]:
+    """Overlapping spatial windows covering all spots: ``[(spot indices, n_core), ...]``.
+
+    The spots are split recursively at the median of the longer axis into cores of at most
+    ``window_spots // 2`` spots; each window is a core plus the spots nearest to the core's centre
+    up to ``window_spots`` (a margin of context at least as large as the core). The first ``n_core``
+    indices of a window are its core: every spot is the core of exactly one window.
+    """
+    n = len(coords)
+    if window_spots is None or n <= window_spots:
+        return [(np.arange(n), n)]
+    if window_spots < 2:
+        raise ValueError(f"window_spots must be >= 2, got {window_spots}.")
+    from scipy.spatial import cKDTree
+
+    core_size = max(1, window_spots // 2)
+    leaves, stack = [], [np.arange(n)]
+    while stack:
+        idx = stack.pop()
+        if len(idx) <= core_size:
+            leaves.append(idx)
+            continue
+        c = coords[idx]
+        ax = int(np.argmax(c.max(0) - c.min(0)))
+        order = idx[np.argsort(c[:, ax], kind="stable")]
+        half = len(order) // 2
+        stack += [order[half:], order[:half]]
+    tree = cKDTree(coords)
+    out = []
+    for leaf in leaves:
+        _, nn = tree.query(coords[leaf].mean(0), k=min(n, window_spots))
+        extra = np.setdiff1d(np.atleast_1d(nn), leaf, assume_unique=False)
+        extra = extra[np.argsort(np.linalg.norm(coords[extra] - coords[leaf].mean(0), axis=1), kind="stable")]
+        out.append((np.concatenate([leaf, extra[: window_spots - len(leaf)]]), len(leaf)))
+    return out
+
+
+class TrainedModel:
+    """A trained expression model with its genes, pathways, embedding key and training history.
+
+    Returned by :func:`~spatialtranscriptformer.tl.fit`; applied with
+    :func:`~spatialtranscriptformer.tl.predict`; stored with :meth:`save` / :meth:`load` (weights as a
+    ``torch`` state dict read back with ``weights_only=True``, arrays as ``.npz`` read without pickle,
+    everything else as JSON: no code is ever unpickled).
+
+    Attributes
+    ----------
+    module
+        The :class:`torch.nn.Module` (or the :class:`~spatialtranscriptformer.module._ridge.RidgeProbe`).
+    model_name
+        Registered name (``"stf"``, ``"he2rna"``, ..., ``"ridge"``).
+    genes
+        Predicted genes, in output order.
+    pathways
+        Names of the pathway tokens (``None`` for models without named pathways).
+    embedding_key
+        ``obsm`` key of the embeddings the model reads.
+    input_dim
+        Width of those embeddings.
+    level
+        ``"spot"`` (one prediction per spot) or ``"slide"`` (one vector per slide).
+    loss
+        Training loss.
+    log_transform
+        Whether targets (hence predictions) are ``log1p`` counts.
+    config
+        Model hyperparameters (``"model_kwargs"``) and fit parameters (``"fit"``).
+    history
+        Per-epoch ``epoch``, ``train_loss``, ``val_loss``, ``val_pcc``, ``lr``.
+    best_epoch
+        Epoch whose weights were restored (``None`` without validation: last weights).
+    """
+
+    def __init__(
+        self,
+        module: Any,
+        *,
+        model_name: str,
+        genes: Sequence[str],
+        embedding_key: str,
+        input_dim: int,
+        level: str,
+        loss: str,
+        log_transform: bool,
+        pathways: Sequence[str] | None = None,
+        model_kwargs: dict | None = None,
+        model_arrays: dict[str, np.ndarray] | None = None,
+        fit_params: dict | None = None,
+        history: pd.DataFrame | None = None,
+        best_epoch: int | None = None,
+        is_global_zero: bool = True,
+    ) -> None:
+        self.module = module
+        self.model_name = str(model_name)
+        self.genes = [str(g) for g in genes]
+        self.pathways = None if pathways is None else [str(p) for p in pathways]
+        self.embedding_key = str(embedding_key)
+        self.input_dim = int(input_dim)
+        self.level, self.loss, self.log_transform = str(level), str(loss), bool(log_transform)
+        self.model_kwargs = dict(model_kwargs or {})
+        self.model_arrays = {k: np.asarray(v) for k, v in (model_arrays or {}).items()}
+        self.fit_params = dict(fit_params or {})
+        self.history = history if history is not None else pd.DataFrame(columns=["epoch", "train_loss", "val_loss", "val_pcc", "lr"])
+        self.best_epoch = best_epoch
+        self.is_global_zero = is_global_zero
+
+    # --- description ----------------------------------------------------------------------------------
+    @property
+    def target_space(self) -> str:
+        """``"log1p"`` when predictions are log1p counts, ``"counts"`` otherwise."""
+        return "log1p" if (self.log_transform and self.loss in ("mse", "pcc", "mse_pcc")) else "counts"
+
+    @property
+    def config(self) -> dict:
+        """JSON description of the model (what :meth:`save` writes to ``config.json``)."""
+        return {
+            "format": FORMAT, "version": FORMAT_VERSION, "model": self.model_name, "genes": self.genes,
+            "pathways": self.pathways, "embedding_key": self.embedding_key, "input_dim": self.input_dim,
+            "level": self.level, "loss": self.loss, "log_transform": self.log_transform,
+            "target_space": self.target_space, "model_kwargs": self.model_kwargs,
+            "model_arrays": sorted(self.model_arrays), "fit": self.fit_params, "best_epoch": self.best_epoch,
+        }
+
+    def __repr__(self) -> str:
+        pw = f", {len(self.pathways)} pathways" if self.pathways else ""
+        return (
+            f"TrainedModel({self.model_name!r}, level={self.level!r}, loss={self.loss!r}, {len(self.genes)} genes{pw}, "
+            f"embedding {self.embedding_key!r} ({self.input_dim}-d), {len(self.history)} epochs)"
+        )
+
+    # --- prediction -----------------------------------------------------------------------------------
+    def predict_arrays(
+        self, x: np.ndarray, coords: np.ndarray, *, window_spots: int | None = None, device: str | None = None
+    ) -> dict[str, np.ndarray | None]:
+        """Predict one slide from embeddings ``x`` (S, F) and spot centres ``coords`` (S, 2) in µm.
+
+        Returns ``{"expr": (S, G) (or (G,) for slide-level models), "pathway_scores": (S, P) | (P,) | None}``
+        in the model's target space. With ``window_spots``, spot-level slides larger than that are
+        predicted window by window (see :func:`spatial_windows`): a spot then only attends to the
+        spots of its window (its core plus a margin), an approximation of whole-slide attention.
+        """
+        x = np.asarray(x, dtype=np.float32)
+        coords = np.asarray(coords, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.input_dim:
+            raise ValueError(f"Embeddings must have shape (n_spots, {self.input_dim}) for this model, got {x.shape}.")
+        if coords.shape != (x.shape[0], 2):
+            raise ValueError(f"coords must have shape ({x.shape[0]}, 2), got {coords.shape}.")
+        if not (np.isfinite(x).all() and np.isfinite(coords).all()):
+            raise ValueError("Embeddings or coordinates contain NaN/inf.")
+        if self.model_name == "ridge":
+            return {"expr": np.asarray(self.module.predict(x), dtype=np.float32), "pathway_scores": None}
+        import torch
+
+        from .._settings import settings
+
+        dev = settings.torch_device(device)
+        module = self.module.to(dev).eval()
+        windows = [(np.arange(len(x)), len(x))] if self.level == "slide" else spatial_windows(coords, window_spots)
+        expr = np.zeros((len(x), len(self.genes)), dtype=np.float32)
+        pws = None
+        with torch.inference_mode():
+            for idx, n_core in windows:
+                xt = torch.from_numpy(x[idx]).unsqueeze(0).to(dev)
+                ct = torch.from_numpy(coords[idx]).unsqueeze(0).to(dev)
+                mt = torch.ones(1, len(idx), dtype=torch.bool, device=dev)
+                out = module(xt, ct, mt)
+                e = out["expr"][0].float().cpu().numpy()
+                pw = out.get("pathway_scores")
+                pw = None if pw is None else pw[0].float().cpu().numpy()
+                if self.level == "slide":
+                    return {"expr": e, "pathway_scores": pw}
+                expr[idx[:n_core]] = e[:n_core]
+                if pw is not None:
+                    if pws is None:
+                        pws = np.zeros((len(x), pw.shape[-1]), dtype=np.float32)
+                    pws[idx[:n_core]] = pw[:n_core]
+        return {"expr": expr, "pathway_scores": pws}
+
+    # --- persistence ----------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write the model to folder ``path`` (``config.json``, weights, arrays, ``history.csv``)."""
+        path = Path(path)
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace the model.")
+        path.mkdir(parents=True, exist_ok=True)
+        if self.model_name == "ridge":
+            np.savez(path / _RIDGE, **self.module.to_arrays())
+        else:
+            import torch
+
+            torch.save({k: v.detach().cpu() for k, v in self.module.state_dict().items()}, path / _WEIGHTS)
+        if self.model_arrays:
+            np.savez(path / _ARRAYS, **self.model_arrays)
+        self.history.to_csv(path / _HISTORY, index=False)
+        (path / _CONFIG).write_text(json.dumps(self.config, indent=1))
+        logger.info("Saved %r to %s.", self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TrainedModel:
+        """Read a model written by :meth:`save`; the weights must match the configuration exactly."""
+        path = Path(path)
+        cfg_path = path / _CONFIG
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"No saved model in {path} ({_CONFIG} not found).")
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("format") != FORMAT:
+            raise ValueError(f"{cfg_path} is not a spatialtranscriptformer model (format={cfg.get('format')!r}).")
+        if int(cfg.get("version", -1)) > FORMAT_VERSION:
+            raise ValueError(f"{cfg_path} has format version {cfg['version']}; this version reads <= {FORMAT_VERSION}.")
+        missing = [k for k in ("model", "genes", "embedding_key", "input_dim", "level", "loss", "log_transform") if k not in cfg]
+        if missing:
+            raise ValueError(f"{cfg_path} lacks {missing}.")
+        genes = cfg["genes"]
+        if not genes or len(set(genes)) != len(genes):
+            raise ValueError(f"{cfg_path}: the gene list is empty or has duplicates.")
+        arrays = {}
+        if cfg.get("model_arrays"):
+            with np.load(path / _ARRAYS, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            lost = sorted(set(cfg["model_arrays"]) - set(arrays))
+            if lost:
+                raise ValueError(f"{path / _ARRAYS} lacks arrays {lost}.")
+        if cfg["model"] == "ridge":
+            from ..module._ridge import RidgeProbe
+
+            with np.load(path / _RIDGE, allow_pickle=False) as z:
+                module = RidgeProbe.from_arrays({k: z[k] for k in z.files})
+            if module.n_targets != len(genes) or module.n_features_in != int(cfg["input_dim"]):
+                raise ValueError(f"{path}: the ridge arrays do not match {len(genes)} genes / input_dim {cfg['input_dim']}.")
+        else:
+            import torch
+
+            from ..module._registry import build_model
+
+            try:
+                module = build_model(
+                    cfg["model"], cfg["input_dim"], len(genes), level=cfg["level"], loss=cfg["loss"],
+                    **cfg.get("model_kwargs", {}), **arrays,
+                )
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{cfg_path}: the saved configuration does not match its arrays: {err}") from None
+            wpath = path / _WEIGHTS
+            if not wpath.is_file():
+                raise FileNotFoundError(f"Weights not found: {wpath}.")
+            state = torch.load(wpath, map_location="cpu", weights_only=True)
+            try:
+                module.load_state_dict(state, strict=True)
+            except RuntimeError as err:
+                raise ValueError(f"{wpath} does not match the model configured in {cfg_path}: {err}") from None
+            module.eval()
+        hist_path = path / _HISTORY
+        history = pd.read_csv(hist_path) if hist_path.is_file() else None
+        return cls(
+            module, model_name=cfg["model"], genes=genes, embedding_key=cfg["embedding_key"], input_dim=cfg["input_dim"],
+            level=cfg["level"], loss=cfg["loss"], log_transform=cfg["log_transform"], pathways=cfg.get("pathways"),
+            model_kwargs=cfg.get("model_kwargs"), model_arrays=arrays, fit_params=cfg.get("fit"), history=history,
+            best_epoch=cfg.get("best_epoch"),
+        )

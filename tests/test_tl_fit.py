@@ -1,0 +1,167 @@
+"""stf.tl.fit: training, history, determinism, resume, gene selection, dispatch and bad input."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+import spatialtranscriptformer as stf
+from spatialtranscriptformer.pp._gene_sets import load_gene_sets
+
+TINY = {"token_dim": 16, "n_heads": 2, "num_pathways": 4}
+FAST = {"max_epochs": 2, "gene_sets": None, "model_kwargs": TINY, "accelerator": "cpu", "progress": False}
+
+
+def make_slide(sid, pid, *, n=36, genes=None, f=8, seed=0, W=None):
+    """A slide whose counts depend on its embeddings through a weight matrix shared across slides."""
+    genes = genes or [f"G{i}" for i in range(8)]
+    rng = np.random.default_rng(seed)
+    W = np.random.default_rng(99).normal(size=(f, len(genes))) if W is None else W
+    xy = np.stack(np.meshgrid(np.arange(6), np.arange(int(np.ceil(n / 6)))), -1).reshape(-1, 2)[:n] * 200.0
+    emb = rng.normal(size=(n, f)).astype(np.float32)
+    counts = rng.poisson(np.exp(0.5 * emb @ W / np.sqrt(f) + 1.5)).astype(np.float32)
+    obs = pd.DataFrame({"slide_id": sid, "patient_id": pid}, index=[f"{sid}_{i}" for i in range(n)])
+    a = ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=genes))
+    a.layers["counts"] = counts.copy()
+    a.obsm["spatial"] = xy
+    a.obsm["X_toy"] = emb
+    a.uns["stf_slide"] = {"mpp": 0.5, "slide_id": sid}
+    return a
+
+
+@pytest.fixture
+def slides():
+    return [make_slide(f"s{i}", f"p{i // 2}", seed=i) for i in range(4)]
+
+
+def _weights(m):
+    return {k: v.clone() for k, v in m.module.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_fit_history_metrics_and_determinism(slides):
+    m = stf.tl.fit(slides, genes=6, max_epochs=3, gene_sets=None, model_kwargs=TINY, accelerator="cpu", progress=False)
+    h = m.history
+    assert list(h.columns) == ["epoch", "train_loss", "val_loss", "val_pcc", "lr"]
+    assert h["epoch"].tolist() == [0, 1, 2]
+    # pitfall 2: every reported metric is actually produced, each epoch
+    assert np.isfinite(h[["train_loss", "val_loss", "val_pcc"]].to_numpy()).all()
+    assert m.best_epoch == int(h["val_loss"].idxmin())
+    assert len(m.genes) == 6 and m.embedding_key == "X_toy" and m.input_dim == 8 and m.level == "spot"
+    assert set(m.fit_params["val_slides"]) in ({"s0", "s1"}, {"s2", "s3"})  # one whole patient held out
+    m2 = stf.tl.fit(slides, genes=6, max_epochs=3, gene_sets=None, model_kwargs=TINY, accelerator="cpu", progress=False)
+    w1, w2 = _weights(m), _weights(m2)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    m3 = stf.tl.fit(slides, genes=6, max_epochs=1, gene_sets=None, model_kwargs=TINY, accelerator="cpu",
+                    progress=False, seed=1)
+    assert not all(torch.equal(w1[k], v) for k, v in _weights(m3).items())
+
+
+def test_fit_restores_best_epoch_weights(slides, tmp_path):
+    m = stf.tl.fit(slides, genes=4, **{**FAST, "max_epochs": 3}, checkpoint_dir=tmp_path, monitor="val_pcc")
+    best = torch.load(tmp_path / "best.ckpt", weights_only=True)
+    assert m.best_epoch == best["epoch"] == int(m.history["val_pcc"].idxmax())
+    sd = {k.removeprefix("module."): v for k, v in best["state_dict"].items()}
+    assert all(torch.equal(sd[k], v) for k, v in m.module.state_dict().items())
+
+
+class StopAfter(Callback):
+    def __init__(self, n):
+        self.n = n
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 >= self.n:
+            trainer.should_stop = True
+
+
+@pytest.mark.slow
+def test_resume_continues_an_interrupted_run_exactly(slides, tmp_path):
+    kw = {**FAST, "max_epochs": 4, "early_stopping_patience": None, "validation": None}
+    full = stf.tl.fit(slides, genes=4, **kw)
+    stf.tl.fit(slides, genes=4, **kw, checkpoint_dir=tmp_path / "a", callbacks=[StopAfter(2)])
+    ckpt = tmp_path / "a" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
+    resumed = stf.tl.fit(slides, genes=4, **kw, resume_from=ckpt, checkpoint_dir=tmp_path / "b")
+    assert resumed.history["epoch"].tolist() == [0, 1, 2, 3]
+    w1, w2 = _weights(full), _weights(resumed)
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
+    other = [make_slide(f"s{i}", f"p{i}", seed=i, genes=[f"H{j}" for j in range(8)]) for i in range(2)]
+    with pytest.raises(ValueError, match="genes"):
+        stf.tl.fit(other, genes=4, **kw, resume_from=ckpt)
+
+
+def test_top_genes_are_chosen_on_training_slides_only(slides):
+    # G7 is extremely variable only on the validation slide s0
+    slides[0].layers["counts"][:, 7] = np.tile([0, 500], 18)
+    m = stf.tl.fit(slides, genes=3, validation=["s0"], **{**FAST, "max_epochs": 1})
+    assert "G7" not in m.genes
+    from spatialtranscriptformer.pp._genes import select_top_genes
+
+    assert "G7" in select_top_genes(slides, 3)  # it would be chosen if all slides counted
+
+
+def test_pathway_loss_with_named_hallmark_tokens():
+    hm = load_gene_sets("hallmark")
+    genes = hm["HALLMARK_HYPOXIA"][:4] + hm["HALLMARK_APOPTOSIS"][:4]
+    genes = list(dict.fromkeys(genes))[:8]
+    data = [make_slide(f"s{i}", f"p{i}", genes=genes, seed=i) for i in range(3)]
+    m = stf.tl.fit(data, genes=genes, gene_sets="hallmark", pathway_loss_weight=0.5, pathway_init=True,
+                   max_epochs=1, model_kwargs={"token_dim": 16, "n_heads": 2}, accelerator="cpu", progress=False)
+    assert "HALLMARK_HYPOXIA" in m.pathways and "HALLMARK_APOPTOSIS" in m.pathways
+    assert len(m.pathways) == m.module.num_pathways < 50  # pathways without member genes are dropped
+    assert np.isfinite(m.history["val_pcc"]).all()
+    with pytest.raises(ValueError, match="more genes"):
+        stf.tl.fit(make_slide("x", "p"), genes=["G0", "G1"], pathway_loss_weight=0.5, max_epochs=1)
+
+
+def test_ridge_dispatch_and_unknown_model(slides):
+    m = stf.tl.fit(slides, model="ridge", genes=5)
+    assert m.model_name == "ridge" and m.target_space == "log1p"
+    pred = m.predict_arrays(slides[0].obsm["X_toy"], slides[0].obsm["spatial"])["expr"]
+    truth = np.log1p(slides[0][:, m.genes].layers["counts"])
+    r = np.mean([np.corrcoef(pred[:, j], truth[:, j])[0, 1] for j in range(5)])
+    assert r > 0.3  # the planted linear signal is found
+    with pytest.raises(ValueError, match=r"Unknown model 'nope'"):
+        stf.tl.fit(slides, model="nope")
+
+
+@pytest.mark.slow
+def test_fit_slide_level_baseline_and_count_loss(slides):
+    m = stf.tl.fit(slides, model="attention_mil", genes=4, max_epochs=2, accelerator="cpu", progress=False,
+                   model_kwargs={"hidden": 16, "attention_dim": 8})
+    assert m.level == "slide" and np.isfinite(m.history["val_pcc"]).all()
+    z = stf.tl.fit(slides, genes=4, loss="zinb", **FAST)
+    assert z.target_space == "counts" and np.isfinite(z.history["val_loss"]).all()
+
+
+def _unchanged(a, b):
+    assert a.obsm.keys() == b.obsm.keys() and a.layers.keys() == b.layers.keys() and a.uns.keys() == b.uns.keys()
+    np.testing.assert_array_equal(np.nan_to_num(a.layers["counts"]), np.nan_to_num(b.layers["counts"]))
+
+
+
+
+@pytest.mark.parametrize(
+    ("mutate", "kwargs", "err", "match"),
+    [
+        (lambda s: None, {"embedding_key": "X_uni"}, KeyError, r"X_uni.*available.*X_toy"),
+        (lambda s: s[1].obsm.__setitem__("X_toy", np.zeros((36, 5), np.float32)), {}, ValueError, "widths differ"),
+        (lambda s: None, {"genes": ["G0", "ERBB2", "CD74"]}, KeyError, r"ERBB2.*CD74|CD74.*ERBB2"),
+        (lambda s: s[2].layers["counts"].__setitem__(slice(1, None), 0), {}, ValueError, "at least 2"),
+        (lambda s: s[0].obsm["X_toy"].__setitem__((0, 0), np.nan), {}, ValueError, "NaN"),
+        (lambda s: s[3].layers["counts"].__setitem__((0, 0), np.inf), {}, ValueError, "NaN/inf"),
+        (lambda s: s[1].layers.__setitem__("counts", s[1].layers["counts"] * 0.5), {"loss": "poisson"}, ValueError, "integer"),
+        (lambda s: None, {"interactions": ("p2p", "p2h", "h2p"), "model_kwargs": {**TINY, "n_layers": 1}}, ValueError, "h2h"),
+        (lambda s: None, {"layer": "raw"}, KeyError, "raw"),
+        (lambda s: None, {"loss": "huber"}, ValueError, "huber"),
+    ],
+)
+def test_bad_input_raises_and_leaves_data_unchanged(slides, mutate, kwargs, err, match):
+    mutate(slides)
+    before = [s.copy() for s in slides]
+    with pytest.raises(err, match=match):
+        stf.tl.fit(slides, genes=kwargs.pop("genes", 4), **{**FAST, "max_epochs": 1, **kwargs})
+    for a, b in zip(slides, before, strict=True):
+        _unchanged(a, b)
