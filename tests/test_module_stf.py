@@ -135,6 +135,20 @@ def test_fast_path_never_builds_a_quadratic_tensor():
     assert Largest.numel >= 2 * (S + P) ** 2  # the explicit path does (and is detected)
 
 
+def test_residual_dropout_keeps_expectation_and_saves_a_bool_mask():
+    from spatialtranscriptformer.module._attention import residual_dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(20_000, requires_grad=True)
+    assert residual_dropout(x, 0.1, False) is x
+    y = residual_dropout(x, 0.1, True)
+    vals = set(np.round(y.detach().unique().numpy(), 5).tolist())
+    assert vals == {0.0, round(1 / 0.9, 5)}
+    assert abs(float((y == 0).float().mean()) - 0.1) < 0.01
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # gradient flows only through kept entries
+
+
 def test_interaction_validation():
     with pytest.raises(ValueError, match="n_layers >= 2"):
         _model(interactions=("p2p", "p2h", "h2p"), n_layers=1)

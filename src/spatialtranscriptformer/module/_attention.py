@@ -195,11 +195,24 @@ class QuadrantAttention(nn.Module):
         return torch.cat([op, oh], dim=2)
 
 
+def residual_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout whose saved mask is boolean (1 byte per element instead of 4).
+
+    :func:`torch.nn.functional.dropout` on CPU keeps a float noise tensor for the backward pass; this
+    keeps only the boolean keep-mask, which matters at tens of thousands of tokens.
+    """
+    if not training or p == 0.0:
+        return x
+    keep = torch.rand_like(x) >= p
+    return x * keep * (1.0 / (1.0 - p))
+
+
 class QuadrantEncoderLayer(nn.Module):
     """Pre-norm transformer layer (Xiong et al. 2020) with :class:`QuadrantAttention`.
 
     ``x = x + Dropout(Attn(LN(x)))``; ``x = x + Dropout(FFN(LN(x)))`` with a GELU FFN of width
-    ``ffn_mult * dim``.
+    ``ffn_mult * dim``. Dropout is applied to the output of each sub-layer before the residual addition
+    (Vaswani et al. 2017, §5.4), not inside the FFN or on attention probabilities.
 
     Parameters
     ----------
@@ -210,7 +223,7 @@ class QuadrantEncoderLayer(nn.Module):
     interactions
         Enabled flows.
     dropout
-        Dropout on the residual branches and inside the FFN.
+        Dropout probability on the sub-layer outputs.
     ffn_mult
         FFN width multiplier.
     """
@@ -228,19 +241,14 @@ class QuadrantEncoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = QuadrantAttention(dim, n_heads, interactions=interactions)
         self.norm2 = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(
-            nn.Linear(dim, ffn_mult * dim),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(ffn_mult * dim, dim),
-        )
-        self.drop = nn.Dropout(dropout)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Linear(ffn_mult * dim, dim))
+        self.dropout = float(dropout)
 
     def forward(
         self, x: torch.Tensor, n_pathways: int, key_mask: torch.Tensor, *, return_attention: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Apply the layer; returns the tokens and the attention map (or ``None``)."""
         a, attn = self.attn(self.norm1(x), n_pathways, key_mask, return_attention=return_attention)
-        x = x + self.drop(a)
-        x = x + self.drop(self.ffn(self.norm2(x)))
+        x = x + residual_dropout(a, self.dropout, self.training)
+        x = x + residual_dropout(self.ffn(self.norm2(x)), self.dropout, self.training)
         return x, attn
