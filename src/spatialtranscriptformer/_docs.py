@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from textwrap import dedent
+import inspect
 
 doc_data = """\
 data
@@ -32,7 +32,7 @@ def doc_params(**kwds: str):
     """Substitute shared parameter text into a docstring (``{name}`` placeholders)."""
 
     def dec(obj):
-        obj.__doc__ = dedent(obj.__doc__).format_map(kwds)
+        obj.__doc__ = inspect.cleandoc(obj.__doc__).format_map(kwds)
         return obj
 
     return dec

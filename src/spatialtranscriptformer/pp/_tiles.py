@@ -37,12 +37,15 @@ def cut_tiles(
     *,
     size: int,
     scale: float,
+    origin: tuple[int, int] = (0, 0),
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Cut ``size`` x ``size`` tiles centred on ``centers`` (x, y; region pixels) from ``region``.
 
-    ``scale`` is the number of region pixels per output pixel; tiles are resampled with bilinear
-    interpolation (Pillow) unless ``scale == 1``, where they are plain slices. The region must already
+    ``scale`` is the number of region pixels per output pixel. Unless ``scale == 1`` (plain slices),
+    the region is resampled once to the output scale with bilinear interpolation (Pillow) and tiles are
+    sliced from it; tile origins are rounded to the slide-wide output pixel grid. ``origin`` is the
+    slide position (x, y) of ``region[0, 0]``. The region must already
     contain every tile's window (see :func:`extract_tiles`).
     """
     from PIL import Image
@@ -56,10 +59,20 @@ def cut_tiles(
         for i in range(n):
             out[i] = region[y0[i] : y0[i] + size, x0[i] : x0[i] + size, :3]
         return out
+    # resample the whole region once onto the slide-wide output grid (output pixel k sits at source
+    # coordinate k * scale), then slice: a spot's tile does not depend on which block it was read in
+    rx0, ry0 = origin
+    rh, rw = region.shape[:2]
+    ox, oy = int(np.ceil(rx0 / scale)), int(np.ceil(ry0 / scale))
+    nw = int(np.floor((rx0 + rw - 1) / scale)) - ox
+    nh = int(np.floor((ry0 + rh - 1) / scale)) - oy
+    box = (ox * scale - rx0, oy * scale - ry0, (ox + nw) * scale - rx0, (oy + nh) * scale - ry0)
     img = Image.fromarray(np.ascontiguousarray(region[..., :3]))
-    for i, (cx, cy) in enumerate(centers):
-        box = (cx - half, cy - half, cx + half, cy + half)
-        out[i] = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=None))
+    big = np.asarray(img.resize((max(nw, 1), max(nh, 1)), Image.Resampling.BILINEAR, box=box, reducing_gap=None))
+    x0 = (np.round((centers[:, 0] + rx0) / scale - size / 2).astype(int) - ox).clip(0, max(0, nw - size))
+    y0 = (np.round((centers[:, 1] + ry0) / scale - size / 2).astype(int) - oy).clip(0, max(0, nh - size))
+    for i in range(n):
+        out[i] = big[y0[i] : y0[i] + size, x0[i] : x0[i] + size]
     return out
 
 
@@ -81,24 +94,39 @@ def extract_tiles(
     """
     from ._image import array_levels
 
+    from concurrent.futures import ThreadPoolExecutor
+
     level = image if isinstance(image, ImageLevel) else array_levels(image)[0]
     h, w = level.shape_yx
     centers_xy = np.asarray(centers_xy, dtype=np.float64)
-    half = size * scale / 2 + 2
+    half = size * scale / 2 + 2 * max(scale, 1.0) + 2
     bx = np.floor(centers_xy[:, 0] / block_px).astype(np.int64)
     by = np.floor(centers_xy[:, 1] / block_px).astype(np.int64)
     order = np.lexsort((bx, by))
     keys = by[order] * (1 << 32) + bx[order]
-    splits = np.flatnonzero(np.diff(keys)) + 1
-    for idx in np.split(order, splits):
+    groups = np.split(order, np.flatnonzero(np.diff(keys)) + 1) if len(order) else []
+
+    def bounds(idx):
         c = centers_xy[idx]
         ry0, ry1 = int(np.floor(c[:, 1].min() - half)), int(np.ceil(c[:, 1].max() + half)) + 1
         rx0, rx1 = int(np.floor(c[:, 0].min() - half)), int(np.ceil(c[:, 0].max() + half)) + 1
+        return ry0, ry1, rx0, rx1
+
+    def read(idx):
+        ry0, ry1, rx0, rx1 = bounds(idx)
         region = level.read(ry0, ry1, rx0, rx1)
         pads = (max(0, -ry0), max(0, ry1 - h), max(0, -rx0), max(0, rx1 - w))
-        region = _pad_region(region, pads, pad_mode, cval)
-        local = c - np.array([rx0, ry0], dtype=np.float64)
-        yield idx, cut_tiles(region, local, size=size, scale=scale)
+        return _pad_region(region, pads, pad_mode, cval)
+
+    # read block k + 1 (decompression releases the GIL) while block k is cut
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        nxt = pool.submit(read, groups[0]) if groups else None
+        for k, idx in enumerate(groups):
+            region = nxt.result()
+            nxt = pool.submit(read, groups[k + 1]) if k + 1 < len(groups) else None
+            ry0, _, rx0, _ = bounds(idx)
+            local = centers_xy[idx] - np.array([rx0, ry0], dtype=np.float64)
+            yield idx, cut_tiles(region, local, size=size, scale=scale, origin=(rx0, ry0))
 
 
 def tile_plan(

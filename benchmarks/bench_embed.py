@@ -1,0 +1,60 @@
+"""``stf.pp.embed`` end-to-end throughput vs the bare backbone forward (target ratio >= 0.9).
+
+    python benchmarks/bench_embed.py [--backbone resnet50] [--n 128] [--batch-size 32]
+
+Bare forward: the same backbone on pre-made, pre-normalised tensors at the same batch size. End to end:
+``stf.pp.embed`` on a zarr-backed her2st section (tile reading, resampling and normalisation included,
+overlapped with compute by the prefetch thread). Random weights (``weights="random"``), which cost the
+same compute as pretrained ones.
+"""
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import spatialdata as sd
+import torch
+
+import spatialtranscriptformer as stf
+from _common import her2st_section, write_result
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--n", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args()
+    bb = stf.pp.get_backbone(args.backbone, weights="random")
+    src = her2st_section("C3")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "slide.zarr"
+        src.write(path)
+        lazy = sd.read_zarr(path)
+        table = lazy.tables["table"]
+        reps = int(np.ceil(args.n / table.n_obs))
+        sub = sd.SpatialData(images={"he": lazy.images["he"]}, tables={"table": table[np.tile(np.arange(table.n_obs), reps)[: args.n]].copy()})
+        sub.tables["table"].obs_names_make_unique()
+        s = bb.spec.input_size
+        x = torch.randn(args.batch_size, 3, s, s)
+        bb.forward(x)  # warm-up
+        t0 = time.perf_counter()
+        done = 0
+        while done < args.n:
+            bb.forward(x[: min(args.batch_size, args.n - done)])
+            done += args.batch_size
+        bare = args.n / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        stf.pp.embed(sub, backbone=args.backbone, weights="random", batch_size=args.batch_size, progress=False)
+        e2e = args.n / (time.perf_counter() - t0)
+    text = (f"## embed throughput, {args.backbone}, batch {args.batch_size}, {args.n} tiles, "
+            f"{torch.get_num_threads()} torch threads\n\n| path | tiles/s |\n|---|---:|\n"
+            f"| bare forward on pre-made tensors | {bare:.2f} |\n| `stf.pp.embed` end to end (zarr-backed) | {e2e:.2f} |\n"
+            f"| **ratio** | **{e2e / bare:.3f}** |\n")
+    write_result(f"embed_{args.backbone}", text)
+
+
+if __name__ == "__main__":
+    main()
