@@ -16,8 +16,18 @@ def tiny_backbone():
     from spatialtranscriptformer.pp._registry import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec
 
     torch.manual_seed(0)
-    spec = BackboneSpec(name="tiny_vit", dim=192, input_size=64, mpp=4.0, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                        license="test", citation="test", arch="vit_tiny_patch16_224", needs_weights=False)  # fmt: skip
+    spec = BackboneSpec(
+        name="tiny_vit",
+        dim=192,
+        input_size=64,
+        mpp=4.0,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        license="test",
+        citation="test",
+        arch="vit_tiny_patch16_224",
+        needs_weights=False,
+    )
     model = timm.create_model("vit_tiny_patch16_224", img_size=64, pretrained=False, num_classes=0).eval()
     return Backbone(spec, model)
 
@@ -33,9 +43,19 @@ def hd_slides():
 def model(hd_slides, tmp_path_factory):
     from spatialtranscriptformer.tl._superres import fit_superres
 
-    return fit_superres(hd_slides, backbone=tiny_backbone(), genes=6, patch_um=64, max_epochs=2, batch_size=8,
-                        accumulate_grad_batches=1, lr=1e-3, hidden=16, progress=False,
-                        cache_dir=tmp_path_factory.mktemp("cache"))  # fmt: skip
+    return fit_superres(
+        hd_slides,
+        backbone=tiny_backbone(),
+        genes=6,
+        patch_um=64,
+        max_epochs=2,
+        batch_size=8,
+        accumulate_grad_batches=1,
+        lr=1e-3,
+        hidden=16,
+        progress=False,
+        cache_dir=tmp_path_factory.mktemp("cache"),
+    )
 
 
 def test_targets_rasters_and_pooling(hd_slides):
@@ -163,6 +183,18 @@ def test_fit_evaluate_predict(hd_slides, model, tmp_path):
     tf = get_transformation(el, K.COORDINATE_SYSTEM)
     mpp = table.uns[K.SLIDE_META_KEY]["mpp"]
     np.testing.assert_allclose(tf.to_affine_matrix(("x", "y"), ("x", "y"))[0, 0], 2 / mpp)
+    # plots: H&E | 8/4/2 µm | truth per gene, and the whole-slide mosaic
+    import matplotlib.pyplot as plt
+
+    fig = stf.pl.superres(sd, genes=model.genes[:2], truth="true_rates", region_um=(0, 0, 128, 128))
+    assert len(fig.axes) == 2 * 5 and fig.axes[1].get_images()[0].get_array().shape == (16, 16)
+    assert fig.axes[3].get_images()[0].get_array().shape == (64, 64)
+    assert fig.axes[4].get_images()[0].get_array().shape == (64, 64)
+    fig2 = stf.pl.superres(sd, genes=model.genes[0], mosaic=True)
+    assert len(fig2.axes) == 3
+    plt.close("all")
+    with pytest.raises(KeyError, match="not in the prediction"):
+        stf.pl.superres(sd, genes=["NOPE"])
     # existing element: clear error, nothing changes
     with pytest.raises(ValueError, match="already exists"):
         predict_superres(sd, model, store=tmp_path / "other.zarr")

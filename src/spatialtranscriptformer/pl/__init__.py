@@ -5,5 +5,6 @@ from ._history import history
 from ._metrics import metrics
 from ._pathways import pathways
 from ._spatial import spatial
+from ._superres import superres
 
-__all__ = ["attention", "history", "metrics", "pathways", "spatial"]
+__all__ = ["attention", "history", "metrics", "pathways", "spatial", "superres"]
