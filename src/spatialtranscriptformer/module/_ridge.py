@@ -94,7 +94,9 @@ class RidgeProbe:
         X = _as_2d(X, "X")
         Y = _as_2d(Y, "Y")
         if X.shape[0] != Y.shape[0]:
-            raise ValueError(f"X has {X.shape[0]} rows but Y has {Y.shape[0]}; they must match (one per spot).")
+            raise ValueError(
+                f"X has {X.shape[0]} rows but Y has {Y.shape[0]}; they must match (one per spot)."
+            )
         if X.shape[0] < 2:
             raise ValueError(f"The ridge probe needs at least 2 training spots, got {X.shape[0]}.")
         if not np.isfinite(Y).all():
@@ -105,7 +107,11 @@ class RidgeProbe:
         Z = pca.fit_transform(scaler.transform(X)).astype(np.float32)
         alpha = hest_alpha(Z.shape[1], Y.shape[1]) if self.alpha is None else float(self.alpha)
         reg = Ridge(
-            solver="lsqr", alpha=alpha, random_state=self.random_state, fit_intercept=False, max_iter=self.max_iter
+            solver="lsqr",
+            alpha=alpha,
+            random_state=self.random_state,
+            fit_intercept=False,
+            max_iter=self.max_iter,
         )
         reg.fit(Z, Y)
         coef = np.atleast_2d(np.asarray(reg.coef_))
