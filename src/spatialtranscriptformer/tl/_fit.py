@@ -85,7 +85,7 @@ def fit(
     val_fraction: float = 0.2,
     min_counts: float = 1,
     max_epochs: int = 100,
-    lr: float = 5e-4,
+    lr: float = 1e-3,
     weight_decay: float = 1e-2,
     warmup_epochs: int = 5,
     batch_size: int = 1,

@@ -266,15 +266,15 @@ def run_training(
     kw.setdefault("num_sanity_val_steps", 0)
     kw.setdefault("log_every_n_steps", 1)
     kw.setdefault("default_root_dir", str(ckpt_dir))
-    trainer = L.Trainer(
-        max_epochs=max_epochs, accelerator=accelerator, devices=devices, strategy=strategy or "auto",
-        gradient_clip_val=gradient_clip_val, enable_progress_bar=progress, callbacks=callbacks, **kw,
-    )
     quiet = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda")]
     levels = [lg.level for lg in quiet]
+    for lg in quiet:  # Lightning's set-up chatter (device summary, tips); our logger reports each epoch
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
     try:
-        for lg in quiet:  # Lightning's set-up chatter (device summary, tips); our logger reports each epoch
-            lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+        trainer = L.Trainer(
+            max_epochs=max_epochs, accelerator=accelerator, devices=devices, strategy=strategy or "auto",
+            gradient_clip_val=gradient_clip_val, enable_progress_bar=progress, callbacks=callbacks, **kw,
+        )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*but have no `val_dataloader`.*")
