@@ -2,6 +2,7 @@
 
 from ._backbones import Backbone, get_backbone
 from ._embed import embed
+from ._embed_distributed import embed_distributed
 from ._gene_sets import load_gene_sets, membership_matrix
 from ._hvg import highly_variable_genes
 from ._normalize import normalize
@@ -13,6 +14,7 @@ __all__ = [
     "Backbone",
     "BackboneSpec",
     "embed",
+    "embed_distributed",
     "get_backbone",
     "highly_variable_genes",
     "iter_tiles",

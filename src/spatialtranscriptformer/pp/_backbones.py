@@ -191,6 +191,23 @@ def load_state_dict_strict(model, state_dict: dict, *, name: str, source: str) -
     model.load_state_dict(sd, strict=True)
 
 
+def pooled_features(spec: BackboneSpec, model: Any, x):
+    """One embedding per image of a preprocessed batch ``x``, pooled as ``spec.pooling`` says."""
+    import torch
+
+    if spec.pooling == "module":
+        return model(x)
+    feats = model.forward_features(x)
+    if feats.ndim == 4:  # CNN / Swin feature map
+        return model.forward_head(feats, pre_logits=True)
+    n_prefix = getattr(model, "num_prefix_tokens", 1)
+    if spec.pooling == "cls+mean":
+        return torch.cat([feats[:, 0], feats[:, n_prefix:].mean(1)], dim=-1)
+    if spec.pooling == "avg":
+        return feats[:, n_prefix:].mean(1)
+    return feats[:, 0]
+
+
 class Backbone:
     """A frozen feature extractor with its preprocessing.
 
@@ -233,18 +250,7 @@ class Backbone:
         if not self.spec.is_torch:
             return self.model(x)
         with torch.inference_mode():
-            x = x.to(self.device, non_blocking=True)
-            if self.spec.pooling == "module":
-                return self.model(x).float().cpu()
-            feats = self.model.forward_features(x)
-            if feats.ndim == 4:  # CNN / Swin feature map
-                return self.model.forward_head(feats, pre_logits=True).float().cpu()
-            n_prefix = getattr(self.model, "num_prefix_tokens", 1)
-            if self.spec.pooling == "cls+mean":
-                return torch.cat([feats[:, 0], feats[:, n_prefix:].mean(1)], dim=-1).float().cpu()
-            if self.spec.pooling == "avg":
-                return feats[:, n_prefix:].mean(1).float().cpu()
-            return feats[:, 0].float().cpu()
+            return pooled_features(self.spec, self.model, x.to(self.device, non_blocking=True)).float().cpu()
 
     def forward_tokens(self, x):
         """Patch-token grid ``(B, h, w, D)`` of a preprocessed batch (CNNs: the last feature map)."""

@@ -92,9 +92,9 @@ def extract_tiles(
     once (whole chunks, one read) and padded at the slide edges with ``pad_mode``, then tiles are cut
     in memory. ``scale`` is source pixels per output pixel.
     """
-    from ._image import array_levels
-
     from concurrent.futures import ThreadPoolExecutor
+
+    from ._image import array_levels
 
     level = image if isinstance(image, ImageLevel) else array_levels(image)[0]
     h, w = level.shape_yx
