@@ -116,7 +116,7 @@ def build_slide(
         More entries for ``uns['stf_slide']``.
     """
     import geopandas as gpd
-    from shapely.geometry import box
+    import shapely
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel, ShapesModel, TableModel
     from spatialdata.transformations import Identity
@@ -153,7 +153,8 @@ def build_slide(
             coords, geometry=0, radius=np.full(len(coords), radius_px), index=ids, transformations=tf
         )
     else:
-        geoms = [box(x - radius_px, y - radius_px, x + radius_px, y + radius_px) for x, y in coords]
+        x, y = coords[:, 0], coords[:, 1]
+        geoms = shapely.box(x - radius_px, y - radius_px, x + radius_px, y + radius_px)  # vectorised
         shapes = ShapesModel.parse(gpd.GeoDataFrame(geometry=geoms, index=ids), transformations=tf)
 
     table = adata.copy()

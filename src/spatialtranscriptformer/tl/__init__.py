@@ -6,5 +6,19 @@ from ._evaluate import evaluate
 from ._fit import fit
 from ._model import TrainedModel
 from ._predict import predict
+from ._superres import SuperResModel, fit_superres
+from ._superres_evaluate import evaluate_superres
+from ._superres_predict import predict_superres
 
-__all__ = ["TrainedModel", "benchmark", "cross_validate", "evaluate", "fit", "predict"]
+__all__ = [
+    "SuperResModel",
+    "TrainedModel",
+    "benchmark",
+    "cross_validate",
+    "evaluate",
+    "evaluate_superres",
+    "fit",
+    "fit_superres",
+    "predict",
+    "predict_superres",
+]

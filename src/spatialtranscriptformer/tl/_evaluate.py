@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
+    from ._superres import SuperResModel
+
 COLUMNS = ["feature_type", "gene", "slide", "level", "pearson", "spearman", "mse", "n_spots"]
 
 
@@ -59,6 +61,7 @@ def _rows(ftype, names, slide, level, pred, true, n, *, mse=True) -> list[dict]:
 def evaluate(
     data: AnnData | SpatialData | Sequence[AnnData | SpatialData],
     *,
+    model: SuperResModel | None = None,
     pred_key: str = K.PRED_KEY,
     true_layer: str | None = K.COUNTS_LAYER,
     log_transform: bool = True,
@@ -78,6 +81,11 @@ def evaluate(
     Parameters
     ----------
     {data}
+    model
+        Only for a :class:`~spatialtranscriptformer.tl.SuperResModel`: evaluate it on the slides' 2 µm
+        bins per gene and scale (masked PCC and SSIM, non-zero fraction; see
+        :func:`~spatialtranscriptformer.tl.evaluate_superres`). Spot models are evaluated from the
+        predictions already written by :func:`~spatialtranscriptformer.tl.predict`.
     pred_key
         Key given to :func:`~spatialtranscriptformer.tl.predict` as ``key_added``.
     true_layer
@@ -103,6 +111,15 @@ def evaluate(
     correlate the per-slide mean expression (pseudo-bulk) across slides; slide-level models only have those.
     """
     from ..train._data import collect_slides, counts_block, layer_of
+
+    if model is not None:  # 2 µm super-resolution: per gene and scale, masked PCC / SSIM
+        from ._superres import SuperResModel
+        from ._superres_evaluate import evaluate_superres
+
+        if not isinstance(model, SuperResModel):
+            raise TypeError("`model=` is only used for super-resolution models; spot models are evaluated "
+                            "from the predictions written by `stf.tl.predict` (`pred_key`).")
+        return evaluate_superres(data, model, table_key=table_key)
 
     rows: list[dict] = []
     bulk_pred, bulk_true, bulk_n, bulk_genes = [], [], [], None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -118,7 +117,11 @@ def fit(
     {data}
         Each table may hold several slides (``obs[slide_key]``).
     model
-        A registered model (``"stf"``, ``"he2rna"``, ``"attention_mil"``, ``"transmil"``) or ``"ridge"``.
+        A registered model (``"stf"``, ``"he2rna"``, ``"attention_mil"``, ``"transmil"``), ``"ridge"``, or
+        ``"superres"``: the 2 µm Poisson super-resolution decoder on Visium HD slides, trained by
+        :func:`~spatialtranscriptformer.tl.fit_superres` with ``genes``, ``max_epochs``, ``seed``,
+        ``accelerator``, ``devices``, ``progress``, ``table_key``, ``loss`` (``"poisson"``/``"mse"``) and
+        its own options passed as keywords (``backbone=``, ``weights=``, ``patch_um=``, ``gradnorm=``, ...).
     embedding_key
         ``obsm`` key of the embeddings; ``None`` uses the only ``X_*`` key shared by the slides.
     genes
@@ -198,12 +201,16 @@ def fit(
     from ..train._data import build_slide_arrays, check_embeddings, check_genes, collect_slides
     from ..train._splits import split_validation
 
-    if model == "superres":  # dispatch point of the super-resolution decoder
-        if importlib.util.find_spec("spatialtranscriptformer.tl._superres") is None:
-            raise ValueError("model='superres' is not available in this version of spatialtranscriptformer.")
-        from . import _superres
+    if model == "superres":  # the 2 µm Poisson super-resolution decoder: same call, its own trainer
+        from ._superres import fit_superres
 
-        return _superres.fit_superres(data, **trainer_kwargs)
+        kw = dict(trainer_kwargs)
+        if loss in ("poisson", "mse"):
+            kw.setdefault("loss", loss)
+        if devices != "auto":
+            kw.setdefault("devices", devices)
+        return fit_superres(data, genes=genes, max_epochs=max_epochs, seed=seed, accelerator=accelerator,
+                            progress=progress, table_key=table_key, **kw)
     if model != "ridge":
         from ..module._registry import get_model_entry
 

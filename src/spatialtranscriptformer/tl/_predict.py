@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
+    from ._superres import SuperResModel
+
 DEFAULT_WINDOW_SPOTS = 8192
 
 
@@ -54,7 +56,7 @@ def _check_table(t: AnnData, model: TrainedModel, i: int) -> None:
 @doc_params(data=doc_slides, table_key=doc_table_key, progress=doc_progress, copy=doc_copy)
 def predict(
     data: AnnData | SpatialData | Sequence[AnnData | SpatialData],
-    model: TrainedModel | str | os.PathLike,
+    model: TrainedModel | SuperResModel | str | os.PathLike,
     *,
     key_added: str = K.PRED_KEY,
     pathway_key_added: str = K.PRED_PATHWAY_KEY,
@@ -88,7 +90,10 @@ def predict(
     ----------
     {data}
     model
-        A :class:`~spatialtranscriptformer.tl.TrainedModel` or the folder it was saved to.
+        A :class:`~spatialtranscriptformer.tl.TrainedModel` or the folder it was saved to; a
+        :class:`~spatialtranscriptformer.tl.SuperResModel` writes 2 µm expected counts as a multiscale
+        image element instead (see :func:`~spatialtranscriptformer.tl.predict_superres`; element name
+        ``"stf_superres"`` unless ``key_added`` is given).
     key_added
         Layer / obsm / uns / table key of the predictions.
     pathway_key_added
@@ -113,7 +118,15 @@ def predict(
 
     from .._settings import settings
     from ..train._data import collect_slides, slide_features
+    from ._superres import SuperResModel
 
+    if isinstance(model, SuperResModel):  # 2 µm super-resolution: a multiscale image element per slide
+        from ._superres_predict import predict_superres
+
+        for d in as_slide_list(data):
+            predict_superres(d, model, key_added=K.SUPERRES_KEY if key_added == K.PRED_KEY else key_added,
+                             table_key=table_key, progress=progress)
+        return None
     model = _as_model(model)
     single = not isinstance(data, Sequence)
     slides = as_slide_list(data)

@@ -1,0 +1,28 @@
+"""The one-API-style entry points dispatch to the super-resolution model: fit / predict / evaluate."""
+
+import numpy as np
+import pytest
+
+import spatialtranscriptformer as stf
+from spatialtranscriptformer import _constants as K
+
+from test_superres import tiny_backbone
+
+pytest.importorskip("torch")
+
+
+@pytest.mark.slow
+def test_fit_predict_evaluate_dispatch_superres(tmp_path):
+    slides = stf.datasets.synthetic(technology="visium_hd", bin_size_um=2, size_um=128, n_genes=8, n_pathways=2,
+                                    n_slides=2, n_patients=2, seed=3)
+    model = stf.tl.fit(slides, model="superres", genes=4, max_epochs=1, backbone=tiny_backbone(), patch_um=64,
+                       batch_size=4, accumulate_grad_batches=1, hidden=8, progress=False,
+                       cache_dir=tmp_path / "cache", devices=1)
+    assert isinstance(model, stf.tl.SuperResModel) and len(model.genes) == 4
+    res = stf.tl.evaluate(slides[1], model=model)
+    assert set(res["scale_um"]) == {2, 4, 8, 16} and res["pcc"].notna().all()
+    stf.tl.predict(slides[1], model)
+    el = slides[1].images[K.SUPERRES_KEY]
+    assert np.asarray(el["scale0"]["image"].values).shape[0] == 4
+    with pytest.raises(TypeError, match="only used for super-resolution"):
+        stf.tl.evaluate(slides[1], model="stf")
