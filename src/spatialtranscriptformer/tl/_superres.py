@@ -54,6 +54,53 @@ class SuperResModel:
             f"genes={len(self.genes)}, patch_um={self.patch_um})"
         )
 
+    def save(self, path: str | Path, *, overwrite: bool = False) -> None:
+        """Write the model to folder ``path``; no code is pickled.
+
+        ``config.json`` (genes, patch geometry, loss, scales, decoder and plan hyperparameters, the
+        backbone's registry name and weights path, or its plain-data spec), ``weights.pt`` (decoder state
+        dict), ``arrays.npz`` (z-score statistics of ``loss="mse"``), ``history.csv`` and, unless the
+        backbone is a registered one with weights from a file or the Hugging Face cache, ``backbone.pt``
+        (its state dict). Optimiser and GradNorm states are not saved: the model is saved for inference.
+
+        Parameters
+        ----------
+        path
+            Folder to write (created; must be empty unless ``overwrite``).
+        overwrite
+            Replace a model already saved in ``path``.
+        """
+        from ._superres_io import save_superres
+
+        save_superres(self, path, overwrite=overwrite)
+
+    @classmethod
+    def load(
+        cls, path: str | Path, *, backbone: Any = None, backbone_weights: str | Path | None = None
+    ) -> SuperResModel:
+        """Read a model written by :meth:`save` (state dicts read with ``weights_only=True``, loaded strictly).
+
+        Parameters
+        ----------
+        path
+            Folder written by :meth:`save`.
+        backbone
+            Only needed when the saved backbone cannot be rebuilt from its description (a user's module,
+            a timm model built with non-JSON arguments): its architecture, as a ``torch.nn.Module`` or a
+            :class:`~spatialtranscriptformer.pp.Backbone` (the saved backbone weights, if any, are loaded
+            into it), or a registered name.
+        backbone_weights
+            Weights of a registered backbone, replacing the path recorded at fit time (``None``: the
+            recorded path, else the local Hugging Face cache).
+
+        Returns
+        -------
+        The :class:`SuperResModel`, in eval mode.
+        """
+        from ._superres_io import load_superres
+
+        return load_superres(path, backbone=backbone, backbone_weights=backbone_weights)
+
     def tokens(
         self,
         data,
@@ -320,6 +367,9 @@ def fit_superres(
     )
     params = {
         "backbone": bb.name,
+        "backbone_weights": None
+        if weights is None or isinstance(backbone, Backbone)
+        else (str(weights) if str(weights) == "random" else str(Path(weights).resolve())),
         "genes": len(patches.genes),
         "patch_um": patch_um,
         "loss": loss,

@@ -1,0 +1,295 @@
+"""Save and load a :class:`~spatialtranscriptformer.tl.SuperResModel` without pickling code.
+
+A saved model is a folder: ``config.json`` (format, genes, patch geometry, loss, scales, decoder and
+plan hyperparameters, backbone description, fit parameters), ``weights.pt`` (the decoder's state dict,
+read back with ``torch.load(weights_only=True)``), ``arrays.npz`` (z-score statistics of
+``loss="mse"``, read without pickle), ``history.csv`` and, for a backbone that is not a registered one
+with weights from a file or the Hugging Face cache, ``backbone.pt`` (its state dict). Same design as
+:meth:`spatialtranscriptformer.tl.TrainedModel.save`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from .._logging import logger
+
+if TYPE_CHECKING:
+    from ._superres import SuperResModel
+
+FORMAT = "spatialtranscriptformer.superres"
+FORMAT_VERSION = 1
+_CONFIG, _WEIGHTS, _BACKBONE, _ARRAYS, _HISTORY = "config.json", "weights.pt", "backbone.pt", "arrays.npz", "history.csv"
+_SPEC_FIELDS = ("name", "dim", "input_size", "mpp", "mean", "std", "license", "citation", "pooling", "arch")
+
+
+def _jsonable(x: Any):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray | tuple | set):
+        return list(x.tolist() if isinstance(x, np.ndarray) else x)
+    if isinstance(x, os.PathLike):
+        return str(x)
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+def _decoder_config(decoder) -> dict:
+    """Constructor arguments of a :class:`~..module._superres.SuperResDecoder`, read from the module."""
+    cfg = {
+        "in_dim": int(decoder.proj[0].normalized_shape[0]),
+        "n_genes": int(decoder.n_genes),
+        "grid": int(decoder.start),  # only the power-of-two start of the upsampling depends on the grid
+        "arch": str(decoder.arch),
+        "hidden": int(decoder.hidden),
+        "out_size": int(decoder.out_size),
+    }
+    if decoder.arch == "hist2st":
+        layer = decoder.transformer.layers[0]
+        cfg.update(
+            n_layers=len(decoder.transformer.layers),
+            n_heads=int(layer.self_attn.num_heads),
+            dropout=float(layer.dropout.p),
+        )
+    return cfg
+
+
+def _is_registered(backbone) -> bool:
+    from ..pp._registry import get_spec
+
+    try:
+        return get_spec(backbone.name) is backbone.spec
+    except ValueError:
+        return False
+
+
+def _backbone_config(model: SuperResModel) -> dict:
+    bb = model.backbone
+    spec = bb.spec
+    out = {f: getattr(spec, f) for f in _SPEC_FIELDS}
+    out["mean"], out["std"] = list(spec.mean), list(spec.std)
+    try:
+        json.dumps(spec.timm_kwargs)
+        out["timm_kwargs"] = dict(spec.timm_kwargs)
+    except TypeError:
+        out["timm_kwargs"] = None  # classes or functions: the architecture cannot be rebuilt from JSON
+    out["registered"] = _is_registered(bb)
+    weights = model.params.get("backbone_weights")
+    from ..pp._backbones import RANDOM
+
+    # a registered backbone with weights from a file / the HF cache is stored by reference; anything else
+    # (random weights, an ad-hoc Backbone, a user's module) by its state dict
+    by_reference = out["registered"] and (not spec.needs_weights or weights != RANDOM)
+    out["weights"] = weights if by_reference else None
+    has_state = hasattr(bb.model, "state_dict") and not by_reference
+    out["state_file"] = _BACKBONE if has_state else None
+    out["fingerprint"] = _fingerprint(bb.model) if by_reference else None
+    return out
+
+
+def _fingerprint(module) -> float | None:
+    """Sum of the absolute values of all parameters and buffers (detects other weights at load time)."""
+    if not hasattr(module, "state_dict"):
+        return None
+    return float(sum(float(v.detach().double().abs().sum()) for v in module.state_dict().values() if v.is_floating_point()))
+
+
+def save_superres(model: SuperResModel, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Write ``model`` to folder ``path`` (see the module docstring for the layout)."""
+    import torch
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder.")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace the model.")
+    plan = model.plan
+    zstats = plan.zstats.detach().cpu().numpy()
+    cfg = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "genes": list(model.genes),
+        "patch_um": int(model.patch_um),
+        "loss": plan.loss_name,
+        "scales": [int(s) for s in plan.scales],
+        "gradnorm": plan.gradnorm is not None,
+        "plan": {
+            "lr": float(plan.lr),
+            "weight_decay": float(plan.weight_decay),
+            "warmup_epochs": int(plan.warmup_epochs),
+            **(
+                {"alpha": plan.gradnorm.alpha, "gradnorm_lr": plan.gradnorm.lr}
+                if plan.gradnorm is not None
+                else {}
+            ),
+        },
+        "decoder": _decoder_config(model.decoder),
+        "backbone": _backbone_config(model),
+        "arrays": ["zstats"] if plan.loss_name == "mse" else [],
+        "params": model.params,
+        "best_epoch": model.best_epoch,
+    }
+    text = json.dumps(cfg, indent=1, default=_jsonable)  # fails here, before anything is written
+    path.mkdir(parents=True, exist_ok=True)
+    for f in (_WEIGHTS, _BACKBONE, _ARRAYS, _HISTORY):  # leftovers of a model saved here before
+        (path / f).unlink(missing_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in model.decoder.state_dict().items()}, path / _WEIGHTS)
+    if cfg["backbone"]["state_file"]:
+        state = model.backbone.model.state_dict()
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, path / _BACKBONE)
+    if cfg["arrays"]:
+        np.savez(path / _ARRAYS, zstats=zstats)
+    if model.history is not None:
+        pd.DataFrame(model.history).to_csv(path / _HISTORY, index=False)
+    (path / _CONFIG).write_text(text)
+    logger.info("Saved %r to %s.", model, path)
+
+
+def _wrap(spec, module):
+    import torch
+
+    from .._settings import settings
+    from ..pp._backbones import Backbone
+
+    dev = settings.torch_device(None)
+    if isinstance(module, torch.nn.Module):
+        module = module.eval().to(dev)
+        for p in module.parameters():
+            p.requires_grad_(False)
+    return Backbone(spec, module, device=dev)
+
+
+def _load_backbone(path: Path, bcfg: dict, backbone, backbone_weights):
+    """The frozen backbone of a saved model: rebuilt, or the user's ``backbone`` (given saved weights)."""
+    import torch
+
+    from ..pp._backbones import Backbone, get_backbone, load_state_dict_strict
+    from ..pp._registry import BackboneSpec, get_spec
+
+    state_path = path / bcfg["state_file"] if bcfg.get("state_file") else None
+    if state_path is not None and not state_path.is_file():
+        raise FileNotFoundError(f"Backbone weights not found: {state_path}.")
+    hint = "pass the backbone architecture with `backbone=` (a torch.nn.Module or a Backbone)"
+    if backbone is not None and not isinstance(backbone, str | Backbone | torch.nn.Module):
+        raise TypeError(f"backbone must be a registered name, a Backbone or a torch.nn.Module, got {type(backbone).__name__}.")
+    if bcfg["registered"] and not isinstance(backbone, Backbone | torch.nn.Module):
+        name = backbone if isinstance(backbone, str) else bcfg["name"]
+        if state_path is None:
+            bb = get_backbone(name, weights=backbone_weights if backbone_weights is not None else bcfg.get("weights"))
+            fp, saved = _fingerprint(bb.model), bcfg.get("fingerprint")
+            if saved is not None and fp is not None and not np.isclose(fp, saved, rtol=1e-5, atol=1e-8):
+                raise ValueError(
+                    f"The weights of backbone {name!r} found now differ from those the model was trained with "
+                    f"(parameter checksum {fp:.6g} vs {saved:.6g}); pass the original weights with `backbone_weights=`."
+                )
+            return bb
+        spec = get_spec(name)
+        module = spec.build(spec)
+    elif isinstance(backbone, str):
+        return get_backbone(backbone, weights=backbone_weights)
+    else:
+        kw = {f: bcfg[f] for f in _SPEC_FIELDS}
+        spec = get_spec(bcfg["name"]) if bcfg["registered"] else BackboneSpec(
+            **{**kw, "mean": tuple(kw["mean"]), "std": tuple(kw["std"])},
+            timm_kwargs=bcfg.get("timm_kwargs") or {}, needs_weights=False,
+        )
+        if isinstance(backbone, Backbone):
+            spec, module = backbone.spec, backbone.model
+        elif backbone is not None:
+            module = backbone
+        elif state_path is not None and bcfg.get("arch") and bcfg.get("timm_kwargs") is not None:
+            import timm
+
+            try:
+                module = timm.create_model(bcfg["arch"], pretrained=False, num_classes=0, **bcfg["timm_kwargs"])
+            except Exception as err:  # noqa: BLE001  (any timm failure means: cannot rebuild)
+                raise ValueError(f"Cannot rebuild backbone {bcfg['name']!r} ({bcfg['arch']!r}): {err}; {hint}.") from None
+        else:
+            raise ValueError(f"Backbone {bcfg['name']!r} of the saved model cannot be rebuilt from {path / _CONFIG}; {hint}.")
+    if state_path is not None:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        try:
+            load_state_dict_strict(module, state, name=bcfg["name"], source=str(state_path))
+        except ValueError as err:
+            raise ValueError(f"{err} If the architecture was built with other arguments, {hint}.") from None
+    return _wrap(spec, module)
+
+
+def load_superres(
+    path: str | os.PathLike, *, backbone=None, backbone_weights: str | os.PathLike | None = None
+) -> SuperResModel:
+    """Read a model written by :func:`save_superres`; every state dict must fit the configuration exactly."""
+    import torch
+
+    from ..module._superres import SuperResDecoder
+    from ..train._superres_plan import SuperResPlan
+    from ._superres import SuperResModel
+
+    path = Path(path)
+    cfg_path = path / _CONFIG
+    if not path.is_dir():
+        raise FileNotFoundError(f"No saved super-resolution model at {path} (folder not found).")
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"No saved super-resolution model in {path} ({_CONFIG} not found).")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{cfg_path} is not valid JSON: {err}.") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        fmt = cfg.get("format") if isinstance(cfg, dict) else None
+        raise ValueError(f"{cfg_path} is not a saved SuperResModel (format={fmt!r}, expected {FORMAT!r}).")
+    if not isinstance(cfg.get("version"), int) or cfg["version"] > FORMAT_VERSION:
+        raise ValueError(f"{cfg_path} has format version {cfg.get('version')!r}; this version reads <= {FORMAT_VERSION}.")
+    missing = [k for k in ("genes", "patch_um", "loss", "scales", "gradnorm", "decoder", "backbone") if k not in cfg]
+    if missing:
+        raise ValueError(f"{cfg_path} lacks {missing}.")
+    genes, dcfg = [str(g) for g in cfg["genes"]], dict(cfg["decoder"])
+    if not genes or len(set(genes)) != len(genes):
+        raise ValueError(f"{cfg_path}: the gene list is empty or has duplicates.")
+    if dcfg.get("n_genes") != len(genes):
+        raise ValueError(f"{cfg_path}: {len(genes)} genes but a decoder for {dcfg.get('n_genes')} genes.")
+    if dcfg.get("out_size") != int(cfg["patch_um"]) // 2:
+        raise ValueError(f"{cfg_path}: patch_um {cfg['patch_um']} does not match a {dcfg.get('out_size')}-bin decoder output.")
+    wpath = path / _WEIGHTS
+    if not wpath.is_file():
+        raise FileNotFoundError(f"Decoder weights not found: {wpath}.")
+    zstats = None
+    if cfg["loss"] == "mse":
+        apath = path / _ARRAYS
+        if not apath.is_file():
+            raise FileNotFoundError(f"z-score statistics of the loss='mse' model not found: {apath}.")
+        with np.load(apath, allow_pickle=False) as z:
+            if "zstats" not in z.files:
+                raise ValueError(f"{apath} lacks the array 'zstats'.")
+            zstats = z["zstats"]
+        if zstats.shape != (len(cfg["scales"]), len(genes), 2):
+            raise ValueError(f"{apath}: zstats has shape {zstats.shape}, expected ({len(cfg['scales'])}, {len(genes)}, 2).")
+    try:
+        in_dim, n_genes = dcfg.pop("in_dim"), dcfg.pop("n_genes")
+        decoder = SuperResDecoder(in_dim, n_genes, **dcfg)
+        plan = SuperResPlan(decoder, loss=cfg["loss"], scales=cfg["scales"], gradnorm=bool(cfg["gradnorm"]),
+                            zstats=zstats, **cfg.get("plan", {}))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{cfg_path}: invalid decoder/plan configuration: {err}") from None
+    state = torch.load(wpath, map_location="cpu", weights_only=True)
+    try:
+        decoder.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{wpath} does not match the decoder configured in {cfg_path}: {err}") from None
+    bb = _load_backbone(path, cfg["backbone"], backbone, backbone_weights)
+    if backbone is not None:  # the user's architecture: its token width must fit the decoder
+        s = bb.spec.input_size
+        dim = bb.forward_tokens(bb.preprocess(np.zeros((1, s, s, 3), dtype=np.uint8))).shape[-1]
+        if dim != in_dim:
+            raise ValueError(f"backbone {bb.name!r} gives {dim}-d tokens; the saved decoder reads {in_dim}-d tokens.")
+    hist_path = path / _HISTORY
+    history = pd.read_csv(hist_path) if hist_path.is_file() else None
+    model = SuperResModel(plan.eval(), bb, genes=genes, patch_um=int(cfg["patch_um"]), params=cfg.get("params") or {},
+                          history=history, best_epoch=cfg.get("best_epoch"))
+    logger.info("Loaded %r from %s.", model, path)
+    return model
