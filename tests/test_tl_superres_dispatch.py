@@ -21,7 +21,8 @@ def test_fit_predict_evaluate_dispatch_superres(tmp_path):
     assert isinstance(model, stf.tl.SuperResModel) and len(model.genes) == 4
     res = stf.tl.evaluate(slides[1], model=model)
     assert set(res["scale_um"]) == {2, 4, 8, 16} and res["pcc"].notna().all()
-    stf.tl.predict(slides[1], model)
+    model.save(tmp_path / "sr")
+    stf.tl.predict(slides[1], tmp_path / "sr")  # a saved folder is recognised by its format
     el = slides[1].images[K.SUPERRES_KEY]
     assert np.asarray(el["scale0"]["image"].values).shape[0] == 4
     with pytest.raises(TypeError, match="only used for super-resolution"):

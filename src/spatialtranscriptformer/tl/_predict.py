@@ -25,10 +25,28 @@ if TYPE_CHECKING:
 DEFAULT_WINDOW_SPOTS = 8192
 
 
-def _as_model(model) -> TrainedModel:
+def _saved_superres(path) -> bool:
+    """Whether the folder ``path`` holds a saved :class:`SuperResModel` (by its config's format)."""
+    import json
+    from pathlib import Path
+
+    from ._superres_io import FORMAT
+
+    cfg = Path(path) / "config.json"
+    try:
+        return json.loads(cfg.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _as_model(model) -> TrainedModel | SuperResModel:
     if isinstance(model, TrainedModel):
         return model
     if isinstance(model, str | os.PathLike):
+        if _saved_superres(model):
+            from ._superres import SuperResModel
+
+            return SuperResModel.load(model)
         return TrainedModel.load(model)
     raise TypeError(f"model must be a TrainedModel (from stf.tl.fit) or the folder of a saved one, got {type(model).__name__}.")
 
@@ -120,6 +138,8 @@ def predict(
     from ..train._data import collect_slides, slide_features
     from ._superres import SuperResModel
 
+    if isinstance(model, str | os.PathLike) and _saved_superres(model):
+        model = SuperResModel.load(model)
     if isinstance(model, SuperResModel):  # 2 µm super-resolution: a multiscale image element per slide
         from ._superres_predict import predict_superres
 
