@@ -11,11 +11,20 @@ from test_superres import tiny_backbone
 pytest.importorskip("torch")
 
 
+def _rebuildable_tiny_backbone():
+    """The tiny ViT of test_superres with the timm arguments recorded, so a saved model can rebuild it."""
+    from dataclasses import replace
+
+    bb = tiny_backbone()
+    bb.spec = replace(bb.spec, timm_kwargs={"img_size": 64})
+    return bb
+
+
 @pytest.mark.slow
 def test_fit_predict_evaluate_dispatch_superres(tmp_path):
     slides = stf.datasets.synthetic(technology="visium_hd", bin_size_um=2, size_um=128, n_genes=8, n_pathways=2,
                                     n_slides=2, n_patients=2, seed=3)
-    model = stf.tl.fit(slides, model="superres", genes=4, max_epochs=1, backbone=tiny_backbone(), patch_um=64,
+    model = stf.tl.fit(slides, model="superres", genes=4, max_epochs=1, backbone=_rebuildable_tiny_backbone(), patch_um=64,
                        batch_size=4, accumulate_grad_batches=1, hidden=8, progress=False,
                        cache_dir=tmp_path / "cache", devices=1)
     assert isinstance(model, stf.tl.SuperResModel) and len(model.genes) == 4
