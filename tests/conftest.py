@@ -8,6 +8,15 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny test models run faster (and steadier on a shared machine) on one intra-op thread."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """Path to ../shared/data (skips when absent)."""
