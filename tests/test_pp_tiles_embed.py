@@ -95,6 +95,18 @@ def test_embed_tiny_timm_and_custom_module(bundled_sdata):
     np.testing.assert_allclose(emb[[3, 4]], ref, rtol=1e-3, atol=1e-3)
 
 
+def test_handcrafted_registry_dim_and_backbone_passthrough(bundled_sdata):
+    import spatialdata as sd
+
+    bb = stf.pp.get_backbone("handcrafted")
+    assert stf.pp.get_backbone(bb) is bb
+    x = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    assert bb(x).shape == (2, stf.pp.list_backbones().loc["handcrafted", "dim"])
+    s = sd.deepcopy(bundled_sdata)
+    stf.pp.embed(s, backbone=bb, tile_size=32, mpp=4.0, progress=False)  # a Backbone object works too
+    assert s.tables["table"].obsm["X_handcrafted"].shape[1] == bb.dim
+
+
 @pytest.mark.slow
 def test_embed_registered_random_weights_and_token_grid():
     bb = stf.pp.get_backbone("ctranspath", weights="random")
@@ -128,7 +140,7 @@ def test_registered_weights_roundtrip(tmp_path):
     import timm
     import torch
 
-    from spatialtranscriptformer.pp._registry import IMAGENET_MEAN, IMAGENET_STD, _BACKBONES
+    from spatialtranscriptformer.pp._registry import _BACKBONES, IMAGENET_MEAN, IMAGENET_STD
 
     @stf.pp.register_backbone("tiny_test_vit", arch="vit_tiny_patch16_224", dim=192, input_size=32, mpp=1.0,
                               mean=IMAGENET_MEAN, std=IMAGENET_STD, license="test", citation="test",

@@ -5,7 +5,6 @@ import pytest
 
 import spatialtranscriptformer as stf
 from spatialtranscriptformer import _constants as K
-
 from test_superres import tiny_backbone
 
 pytest.importorskip("torch")

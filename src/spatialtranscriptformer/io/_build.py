@@ -158,6 +158,7 @@ def build_slide(
         shapes = ShapesModel.parse(gpd.GeoDataFrame(geometry=geoms, index=ids), transformations=tf)
 
     table = adata.copy()
+    table.uns.pop("spatialdata_attrs", None)  # a table taken from another SpatialData gets new annotations
     table.obs_names = ids
     table.obs[K.SLIDE_KEY] = pd.Categorical([str(slide_id)] * table.n_obs)
     table.obs[K.PATIENT_KEY] = pd.Categorical([str(patient_id if patient_id is not None else slide_id)] * table.n_obs)

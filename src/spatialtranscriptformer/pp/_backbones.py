@@ -119,7 +119,7 @@ def _hoptimus(spec):
 
 
 @register_backbone(
-    "handcrafted", arch=None, dim=0, input_size=224, mpp=0.5, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+    "handcrafted", arch=None, dim=46, input_size=224, mpp=0.5, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
     license="BSD-3-Clause (this library; no weights)", pooling="features", needs_weights=False,
     citation="Ruifrok & Johnston 2001 (colour deconvolution); scikit-image",
 )
@@ -298,8 +298,8 @@ def get_backbone(
     Parameters
     ----------
     backbone
-        A registered name (see :func:`list_backbones`) or a module/callable mapping a normalised
-        ``(B, 3, S, S)`` tensor to ``(B, D)`` features.
+        A registered name (see :func:`list_backbones`), a :class:`Backbone` (returned as is), or a
+        module/callable mapping a normalised ``(B, 3, S, S)`` tensor to ``(B, D)`` features.
     weights
         Path to a weight file (or a folder holding one); ``None`` looks in the local Hugging Face cache;
         ``"random"`` explicitly keeps random weights (for tests only).
@@ -314,6 +314,8 @@ def get_backbone(
     """
     from .._settings import settings
 
+    if isinstance(backbone, Backbone):
+        return backbone
     if isinstance(backbone, str):
         spec = get_spec(backbone)
         load = spec.is_torch and spec.needs_weights and weights != RANDOM

@@ -63,6 +63,7 @@ def benchmark(
     patient_key: str = K.PATIENT_KEY,
     table_key: str | None = None,
     progress: bool | None = None,
+    return_metrics: bool = False,
     **fit_kwargs: Any,
 ) -> pd.DataFrame:
     """Cross-validate several models on identical features and identical held-out groups.
@@ -113,6 +114,8 @@ def benchmark(
         ``obs`` columns with slide and patient ids.
     {table_key}
     {progress}
+    return_metrics
+        Also return the per-gene / per-fold metrics table.
     **fit_kwargs
         Further arguments of :func:`~spatialtranscriptformer.tl.fit` for every model (e.g. ``max_epochs``,
         ``loss``; the ridge probe always uses its least-squares fit).
@@ -121,8 +124,9 @@ def benchmark(
     -------
     One row per model with columns ``model``, ``level``, ``evaluated_on`` (``"spot"`` or
     ``"slide mean"``), ``pcc_mean``, ``pcc_sd``, ``n_folds``, ``slide_mean_pcc``, ``slide_mean_pcc_sd``,
-    ``n_genes`` and ``wall_time_s``. ``result.attrs["metrics"]`` holds the per-gene table written to
-    ``metrics.csv``.
+    ``n_genes`` and ``wall_time_s`` (parameters in ``result.attrs["params"]``). With ``return_metrics=True``,
+    ``(summary, metrics)`` where ``metrics`` is the per-gene / per-fold table written to ``metrics.csv``
+    (what :func:`~spatialtranscriptformer.pl.metrics` plots).
     """
     from ..train._data import check_embeddings, collect_slides
     from ..train._splits import leave_one_group_out
@@ -177,7 +181,6 @@ def benchmark(
         logger.info("Benchmark %s: %s (%.1f s).", name, _fmt(summary[-1]), wall)
     table = pd.DataFrame(summary, columns=SUMMARY_COLUMNS)
     long = pd.concat(metric_rows, ignore_index=True)[METRIC_COLUMNS]
-    table.attrs["metrics"] = long
     table.attrs["params"] = {
         "models": models, "embedding_key": embedding_key, "genes": genes if isinstance(genes, int) else list(genes),
         "groups": groups, "folds": [f[0] for f in folds], "log_transform": log_transform,
@@ -186,7 +189,7 @@ def benchmark(
         from ._benchmark_report import write_report
 
         write_report(table, long, out_dir)
-    return table
+    return (table, long) if return_metrics else table
 
 
 def _run_model(name, folds, by_id, level, *, embedding_key, genes, layer, log_transform, min_counts, slide_key,
