@@ -44,6 +44,15 @@ def _resnet50(spec):
 
 
 @register_backbone(
+    "resnet18", arch="resnet18.tv_in1k", dim=512, input_size=224, mpp=0.5, mean=IMAGENET_MEAN,
+    std=IMAGENET_STD, license="BSD-3-Clause (torchvision ImageNet weights)", pooling="avg",
+    citation="He et al. 2016, Deep Residual Learning (ImageNet-1k weights)", hf_repo="timm/resnet18.tv_in1k",
+)
+def _resnet18(spec):
+    return timm_model(spec)
+
+
+@register_backbone(
     "ctranspath", arch="swin_tiny_patch4_window7_224", dim=768, input_size=224, mpp=1.0, mean=IMAGENET_MEAN,
     std=IMAGENET_STD, license="GPL-3.0", pooling="avg", hf_repo=None, weight_files=("ctranspath.pth",),
     citation="Wang et al. 2022, Transformer-based unsupervised contrastive learning for histopathological image classification (Medical Image Analysis)",
