@@ -1,5 +1,6 @@
 """stf.tl.predict / evaluate / cross_validate and TrainedModel save/load."""
 
+import copy
 import json
 
 import anndata as ad
@@ -102,9 +103,21 @@ def test_windowed_prediction_equals_prediction_of_each_window(slides, model):
     full = model.predict_arrays(x, c)["expr"]
     np.testing.assert_allclose(model.predict_arrays(x, c, window_spots=36)["expr"], full)
     win = model.predict_arrays(x, c, window_spots=10)["expr"]
+    # the inputs are standardised over the whole slide first; each window then sees only its own spots
+    raw = copy.copy(model)
+    raw.fit_params = {**model.fit_params, "standardize": None}
+    xs = model.prepare_inputs(x)
     for idx, n_core in spatial_windows(c, 10):
-        sub = model.predict_arrays(x[idx], c[idx])["expr"]
+        sub = raw.predict_arrays(xs[idx], c[idx])["expr"]
         np.testing.assert_allclose(win[idx[:n_core]], sub[:n_core], rtol=1e-5, atol=1e-6)
+
+
+def test_per_slide_standardisation_removes_slide_offsets(slides, model):
+    assert model.standardize == "slide"
+    x, c = slides[0].obsm["X_toy"], slides[0].obsm["spatial"] * 0.5
+    shifted = x * 3.0 + 7.0  # e.g. a stain / scanner offset of the whole slide
+    np.testing.assert_allclose(model.predict_arrays(shifted, c)["expr"], model.predict_arrays(x, c)["expr"],
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_save_load_roundtrip_and_validation(slides, model, tmp_path):

@@ -83,6 +83,7 @@ def fit(
     validation: Literal["patient", "slide"] | Sequence[str] | None = "patient",
     val_fraction: float = 0.2,
     min_counts: float = 1,
+    standardize: Literal["slide"] | None = "slide",
     max_epochs: int = 100,
     lr: float = 1e-3,
     weight_decay: float = 1e-2,
@@ -161,6 +162,11 @@ def fit(
         Fraction of patients / slides used for validation.
     min_counts
         Spots with fewer total counts in ``layer`` fail QC and are left out (never trained on zeros).
+    standardize
+        ``"slide"``: z-score each embedding feature over the spots of its own slide before the network
+        (at training and prediction), which removes per-slide offsets from staining and scanning and puts
+        features of any scale on one footing; ``None``: raw embeddings. The ridge probe always follows the
+        HEST protocol (its own StandardScaler over the training spots).
     max_epochs, lr, weight_decay, warmup_epochs
         Optimisation (AdamW; warm-up then cosine decay per step).
     batch_size
@@ -261,6 +267,13 @@ def fit(
         )
         for r in refs
     }
+    if standardize not in ("slide", None):
+        raise ValueError(f"standardize must be 'slide' or None, got {standardize!r}.")
+    if standardize == "slide" and model != "ridge":  # the ridge probe keeps HEST's own StandardScaler
+        from ._model import zscore_features
+
+        for arr in slides.values():
+            arr.x = zscore_features(arr.x)
     train = [slides[s] for s in train_ids]
     val = [slides[s] for s in val_ids]
     fit_params = {
@@ -269,7 +282,7 @@ def fit(
         "train_slides": train_ids, "val_slides": val_ids, "max_epochs": max_epochs, "lr": lr,
         "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "batch_size": batch_size,
         "max_spots": max_spots, "crop": crop, "augment": augment, "early_stopping_patience": early_stopping_patience,
-        "monitor": monitor, "gradient_clip_val": gradient_clip_val, "seed": seed,
+        "monitor": monitor, "gradient_clip_val": gradient_clip_val, "seed": seed, "standardize": standardize,
         "gene_sets": gene_sets if isinstance(gene_sets, str | type(None)) else str(type(gene_sets).__name__),
     }
     common = {"genes": genes, "embedding_key": embedding_key, "input_dim": input_dim, "loss": loss,

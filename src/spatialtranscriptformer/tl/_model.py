@@ -55,6 +55,13 @@ def spatial_windows(coords: np.ndarray, window_spots: int | None) -> list[tuple[
     return out
 
 
+def zscore_features(x: np.ndarray) -> np.ndarray:
+    """Standardise each embedding feature over the spots of one slide (constant features -> 0)."""
+    x = np.asarray(x, dtype=np.float32)
+    sd = x.std(axis=0)
+    return ((x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)).astype(np.float32)
+
+
 class TrainedModel:
     """A trained expression model with its genes, pathways, embedding key and training history.
 
@@ -149,6 +156,15 @@ class TrainedModel:
         )
 
     # --- prediction -----------------------------------------------------------------------------------
+    @property
+    def standardize(self) -> str | None:
+        """How embeddings are standardised before the network (``"slide"`` or ``None``)."""
+        return None if self.model_name == "ridge" else self.fit_params.get("standardize")
+
+    def prepare_inputs(self, x: np.ndarray) -> np.ndarray:
+        """The network input for one slide's embeddings (per-slide z-scored when :attr:`standardize`)."""
+        return zscore_features(x) if self.standardize == "slide" else np.asarray(x, dtype=np.float32)
+
     def predict_arrays(
         self, x: np.ndarray, coords: np.ndarray, *, window_spots: int | None = None, device: str | None = None
     ) -> dict[str, np.ndarray | None]:
@@ -169,6 +185,7 @@ class TrainedModel:
             raise ValueError("Embeddings or coordinates contain NaN/inf.")
         if self.model_name == "ridge":
             return {"expr": np.asarray(self.module.predict(x), dtype=np.float32), "pathway_scores": None}
+        x = self.prepare_inputs(x)
         import torch
 
         from .._settings import settings
