@@ -28,6 +28,15 @@ progress
     Show a progress bar; ``None`` follows ``stf.settings.progress``."""
 
 
+doc_show_save = """\
+show
+    Show the figure; ``None``: show unless ``return_fig`` or ``ax`` is given.
+save
+    File to write the figure to (format from the extension).
+return_fig
+    Return the :class:`~matplotlib.figure.Figure`."""
+
+
 def doc_params(**kwds: str):
     """Substitute shared parameter text into a docstring (``{name}`` placeholders)."""
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._data import get_embedding, slide_mpp, spot_coords
-from .._docs import doc_data, doc_params, doc_table_key
+from .._docs import doc_data, doc_params, doc_show_save, doc_table_key
 from ._pathways import resolve_names
 from ._utils import (
     DEFAULT_MAX_SIDE,
@@ -130,7 +130,7 @@ def model_attention(model: Any, adata: AnnData, *, device: str | None = None) ->
     return [m.float().cpu().numpy() for m in maps]
 
 
-@doc_params(data=doc_data, table_key=doc_table_key)
+@doc_params(data=doc_data, table_key=doc_table_key, show_save=doc_show_save)
 def attention(
     model: Any,
     data: Any,
@@ -205,12 +205,7 @@ def attention(
         Width and height (inches) of one panel.
     ax
         Axes to draw into, one per panel.
-    show
-        Show the figure; ``None``: show unless ``return_fig`` or ``ax`` is given.
-    save
-        File to write the figure to.
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure`.
+    {show_save}
 
     Returns
     -------

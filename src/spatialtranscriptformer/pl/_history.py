@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .._docs import doc_params, doc_show_save
 from ._utils import check_save, finish, make_axes
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ def history_frame(model: Any) -> pd.DataFrame:
     return hist
 
 
+@doc_params(show_save=doc_show_save)
 def history(
     model: Any,
     *,
@@ -66,12 +68,7 @@ def history(
         Width and height (inches) of one panel.
     ax
         Axes to draw into: one per panel (two when ``val_pcc`` is present, else one).
-    show
-        Show the figure; ``None``: show unless ``return_fig`` or ``ax`` is given.
-    save
-        File to write the figure to.
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure`.
+    {show_save}
 
     Returns
     -------

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
+from .._docs import doc_params, doc_show_save
 from ._utils import check_save, finish
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ def per_gene(
     return agg, order
 
 
+@doc_params(show_save=doc_show_save)
 def metrics(
     table: pd.DataFrame,
     *,
@@ -108,12 +110,7 @@ def metrics(
         Figure size in inches (new figure only).
     ax
         Axes to draw into.
-    show
-        Show the figure; ``None``: show unless ``return_fig`` or ``ax`` is given.
-    save
-        File to write the figure to.
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure`.
+    {show_save}
 
     Returns
     -------

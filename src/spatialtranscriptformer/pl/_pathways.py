@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .. import _constants as K
-from .._docs import doc_data, doc_params, doc_table_key
+from .._docs import doc_data, doc_params, doc_show_save, doc_table_key
 from ._utils import (
     DEFAULT_MAX_SIDE,
     as_list,
@@ -81,7 +81,7 @@ def score_norm(values: np.ndarray, center: float | None):
     return Normalize(lo, hi if hi > lo else lo + 1e-9)
 
 
-@doc_params(data=doc_data, table_key=doc_table_key)
+@doc_params(data=doc_data, table_key=doc_table_key, show_save=doc_show_save)
 def pathways(
     data: Any,
     *,
@@ -145,12 +145,7 @@ def pathways(
         Width and height (inches) of one panel.
     ax
         Axes to draw into, one per panel.
-    show
-        Show the figure; ``None``: show unless ``return_fig`` or ``ax`` is given.
-    save
-        File to write the figure to.
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure`.
+    {show_save}
 
     Returns
     -------

@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .. import _constants as K
-from .._docs import doc_data, doc_params, doc_table_key
+from .._docs import doc_data, doc_params, doc_show_save, doc_table_key
 from ._utils import (
     DEFAULT_MAX_SIDE,
     as_list,
@@ -58,7 +58,7 @@ def _holds_counts(adata: AnnData, layer: str) -> bool:
     return bool(sample.size) and bool(np.all(sample == np.round(sample))) and bool((sample >= 0).all())
 
 
-@doc_params(data=doc_data, table_key=doc_table_key)
+@doc_params(data=doc_data, table_key=doc_table_key, show_save=doc_show_save)
 def spatial(
     data: Any,
     *,
@@ -123,12 +123,7 @@ def spatial(
         Width and height (inches) of one panel.
     ax
         Axes to draw into, one per panel (rows x columns, row-major).
-    show
-        Show the figure; ``None``: show unless ``return_fig`` or ``ax`` is given.
-    save
-        File to write the figure to (format from the extension).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure`.
+    {show_save}
 
     Returns
     -------
