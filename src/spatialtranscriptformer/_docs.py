@@ -37,6 +37,30 @@ return_fig
     Return the :class:`~matplotlib.figure.Figure`."""
 
 
+doc_slide_view = """\
+image_key
+    Image element to draw under the spots; default: the slide's H&E (``uns['stf_slide']``).
+level
+    Pyramid level of the image (0 = full resolution); ``None`` picks the coarsest level whose
+    crop still has ``max_side`` px.
+max_side
+    Target longest side (px) of the displayed image crop.
+crop
+    Crop the image to the spots.
+show_image
+    Draw the H&E under the spots.
+spot_scale
+    Multiplier of the physical spot radius."""
+
+doc_spot_panels = """\
+alpha
+    Opacity of the spots.
+panel_size
+    Width and height (inches) of one panel.
+ax
+    Axes to draw into, one per panel (row-major)."""
+
+
 def doc_params(**kwds: str):
     """Substitute shared parameter text into a docstring (``{name}`` placeholders)."""
 

@@ -10,7 +10,14 @@ import numpy as np
 import pandas as pd
 
 from .._data import get_embedding, slide_mpp, spot_coords
-from .._docs import doc_data, doc_params, doc_show_save, doc_table_key
+from .._docs import (
+    doc_data,
+    doc_params,
+    doc_show_save,
+    doc_slide_view,
+    doc_spot_panels,
+    doc_table_key,
+)
 from ._pathways import resolve_names
 from ._utils import (
     DEFAULT_MAX_SIDE,
@@ -130,7 +137,13 @@ def model_attention(model: Any, adata: AnnData, *, device: str | None = None) ->
     return [m.float().cpu().numpy() for m in maps]
 
 
-@doc_params(data=doc_data, table_key=doc_table_key, show_save=doc_show_save)
+@doc_params(
+    data=doc_data,
+    table_key=doc_table_key,
+    slide_view=doc_slide_view,
+    spot_panels=doc_spot_panels,
+    show_save=doc_show_save,
+)
 def attention(
     model: Any,
     data: Any,
@@ -185,26 +198,10 @@ def attention(
         Torch device for the forward pass (``None``: ``stf.settings.device``).
     ncols
         Panels per row.
-    image_key
-        Image element under the spots; default: the slide's H&E.
-    level
-        Pyramid level of the image; ``None`` picks one from ``max_side``.
-    max_side
-        Target longest side (px) of the displayed image crop.
-    crop
-        Crop the image to the spots.
-    show_image
-        Draw the H&E under the spots.
-    spot_scale
-        Multiplier of the physical spot radius.
+    {slide_view}
     cmap
         Colormap.
-    alpha
-        Opacity of the spots.
-    panel_size
-        Width and height (inches) of one panel.
-    ax
-        Axes to draw into, one per panel.
+    {spot_panels}
     {show_save}
 
     Returns
@@ -236,7 +233,7 @@ def attention(
         spot_scale=spot_scale,
         show_image=show_image,
     )
-    nrows, nc = ncols_grid(len(chosen), ncols) if ax is None else (1, len(chosen))
+    nrows, nc = ncols_grid(len(chosen), ncols, ax=ax)
     fig, axes = make_axes(nrows, nc, ax=ax, panel_size=panel_size)
     flat = axes.ravel()
     layer_label = "last layer" if layer == -1 else f"layer {layer}"

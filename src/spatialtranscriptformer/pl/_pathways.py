@@ -10,7 +10,14 @@ import numpy as np
 import pandas as pd
 
 from .. import _constants as K
-from .._docs import doc_data, doc_params, doc_show_save, doc_table_key
+from .._docs import (
+    doc_data,
+    doc_params,
+    doc_show_save,
+    doc_slide_view,
+    doc_spot_panels,
+    doc_table_key,
+)
 from ._utils import (
     DEFAULT_MAX_SIDE,
     as_list,
@@ -19,7 +26,7 @@ from ._utils import (
     finish,
     make_axes,
     ncols_grid,
-    pearson,
+    pearson_label,
     single_slide_table,
     slide_view,
 )
@@ -81,7 +88,13 @@ def score_norm(values: np.ndarray, center: float | None):
     return Normalize(lo, hi if hi > lo else lo + 1e-9)
 
 
-@doc_params(data=doc_data, table_key=doc_table_key, show_save=doc_show_save)
+@doc_params(
+    data=doc_data,
+    table_key=doc_table_key,
+    slide_view=doc_slide_view,
+    spot_panels=doc_spot_panels,
+    show_save=doc_show_save,
+)
 def pathways(
     data: Any,
     *,
@@ -123,28 +136,12 @@ def pathways(
     {table_key}
     ncols
         Panels per row when a single ``key`` is shown.
-    image_key
-        Image element under the spots; default: the slide's H&E.
-    level
-        Pyramid level of the image (0 = full resolution); ``None`` picks one from ``max_side``.
-    max_side
-        Target longest side (px) of the displayed image crop.
-    crop
-        Crop the image to the spots.
-    show_image
-        Draw the H&E under the spots.
-    spot_scale
-        Multiplier of the physical spot radius.
+    {slide_view}
     cmap
         Colormap (diverging by default).
     center
         Value at the colormap's centre when the scores straddle it; ``None`` for a min-max scale.
-    alpha
-        Opacity of the spots.
-    panel_size
-        Width and height (inches) of one panel.
-    ax
-        Axes to draw into, one per panel.
+    {spot_panels}
     {show_save}
 
     Returns
@@ -169,7 +166,7 @@ def pathways(
         show_image=show_image,
     )
     if len(keys) == 1:
-        nrows, nc = ncols_grid(len(names), ncols) if ax is None else (1, len(names))
+        nrows, nc = ncols_grid(len(names), ncols, ax=ax)
         panels = [(n, keys[0], frames[0]) for n in names]
     else:
         nrows, nc = len(names), len(keys)
@@ -184,8 +181,7 @@ def pathways(
         if len(keys) > 1:
             title = f"{name} · {k}"
             if k != keys[0]:
-                r = pearson(np.asarray(frames[0][name], dtype=float), vals)
-                title += f"\nPearson r = {r:.2f}" if np.isfinite(r) else "\nPearson r = n/a"
+                title += pearson_label(np.asarray(frames[0][name], dtype=float), vals)
         a.set_title(title)
         fig.colorbar(coll, ax=a, shrink=0.7, label="score")
     for a in flat[len(panels) :]:

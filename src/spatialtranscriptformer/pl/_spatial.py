@@ -10,7 +10,14 @@ import numpy as np
 import scipy.sparse as sp
 
 from .. import _constants as K
-from .._docs import doc_data, doc_params, doc_show_save, doc_table_key
+from .._docs import (
+    doc_data,
+    doc_params,
+    doc_show_save,
+    doc_slide_view,
+    doc_spot_panels,
+    doc_table_key,
+)
 from ._utils import (
     DEFAULT_MAX_SIDE,
     as_list,
@@ -18,7 +25,7 @@ from ._utils import (
     draw_spots,
     finish,
     make_axes,
-    pearson,
+    pearson_label,
     single_slide_table,
     slide_view,
 )
@@ -58,7 +65,13 @@ def _holds_counts(adata: AnnData, layer: str) -> bool:
     return bool(sample.size) and bool(np.all(sample == np.round(sample))) and bool((sample >= 0).all())
 
 
-@doc_params(data=doc_data, table_key=doc_table_key, show_save=doc_show_save)
+@doc_params(
+    data=doc_data,
+    table_key=doc_table_key,
+    slide_view=doc_slide_view,
+    spot_panels=doc_spot_panels,
+    show_save=doc_show_save,
+)
 def spatial(
     data: Any,
     *,
@@ -102,27 +115,10 @@ def spatial(
         with non-negative integer values), putting them on the log1p scale of the predictions. A
         sequence names the layers to transform; ``False`` transforms none.
     {table_key}
-    image_key
-        Image element to draw under the spots; default: the slide's H&E (``uns['stf_slide']``).
-    level
-        Pyramid level of the image (0 = full resolution); ``None`` picks the coarsest level whose
-        crop still has ``max_side`` px.
-    max_side
-        Target longest side (px) of the displayed image crop.
-    crop
-        Crop the image to the spots.
-    show_image
-        Draw the H&E under the spots.
-    spot_scale
-        Multiplier of the physical spot radius.
+    {slide_view}
     cmap
         Colormap.
-    alpha
-        Opacity of the spots.
-    panel_size
-        Width and height (inches) of one panel.
-    ax
-        Axes to draw into, one per panel (rows x columns, row-major).
+    {spot_panels}
     {show_save}
 
     Returns
@@ -183,8 +179,7 @@ def spatial(
             coll = draw_spots(a, view, values[(g, layer)], cmap=cmap, norm=norm, alpha=alpha)
             title = f"{g} · {layer}"
             if j > 0:
-                r = pearson(ref, values[(g, layer)])
-                title += f"\nPearson r = {r:.2f}" if np.isfinite(r) else "\nPearson r = n/a"
+                title += pearson_label(ref, values[(g, layer)])
             a.set_title(title)
         label = "log1p expression" if to_log & set(layers) else "expression"
         fig.colorbar(coll, ax=list(axes[i, :]), shrink=0.8, label=label)

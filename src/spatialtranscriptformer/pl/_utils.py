@@ -326,6 +326,12 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     return float((x * y).sum() / den) if den > 0 else float("nan")
 
 
+def pearson_label(ref: np.ndarray, values: np.ndarray) -> str:
+    """Panel-title line with the Pearson r of ``values`` against ``ref`` (``n/a`` when undefined)."""
+    r = pearson(ref, values)
+    return f"\nPearson r = {r:.2f}" if np.isfinite(r) else "\nPearson r = n/a"
+
+
 def as_list(value, *, name: str) -> list:
     """Return a string or a sequence of names as a non-empty list."""
     if isinstance(value, str | int):
@@ -338,8 +344,10 @@ def as_list(value, *, name: str) -> list:
     return out
 
 
-def ncols_grid(n: int, ncols: int) -> tuple[int, int]:
-    """Rows and columns for ``n`` panels with at most ``ncols`` per row."""
+def ncols_grid(n: int, ncols: int, *, ax: Any = None) -> tuple[int, int]:
+    """Rows and columns for ``n`` panels with at most ``ncols`` per row (one row for the user's ``ax``)."""
+    if ax is not None:
+        return 1, n
     if ncols < 1:
         raise ValueError(f"`ncols` must be >= 1, got {ncols}.")
     c = min(n, ncols)
