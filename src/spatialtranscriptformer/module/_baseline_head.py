@@ -11,6 +11,22 @@ LOSSES = ("mse", "pcc", "mse_pcc", "zinb", "poisson")
 """Loss names every model accepts (see :mod:`spatialtranscriptformer.module._losses`)."""
 LEVELS = ("spot", "slide")
 
+doc_dims = """\
+input_dim
+    Embedding width F.
+num_genes
+    Number of genes G."""
+"""Docstring text of the two leading arguments of every baseline (substituted with ``doc_params``)."""
+
+doc_slide_head = """\
+loss
+    Loss name; decides the output parameters.
+level
+    Must be ``"slide"`` (the model has no per-spot output).
+gene_means
+    Optional (G,) target means to initialise the read-out bias."""
+"""Docstring text of ``loss``, ``level`` and ``gene_means`` for the slide-level-only baselines."""
+
 
 def check_loss_level(name: str, loss: str, level: str, levels: tuple[str, ...]) -> None:
     """Raise a clear ``ValueError`` for an unknown loss or an unsupported level of model ``name``."""

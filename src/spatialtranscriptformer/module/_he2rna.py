@@ -15,12 +15,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._baseline_head import OutputHead, check_loss_level
+from .._docs import doc_params
+from ._baseline_head import OutputHead, check_loss_level, doc_dims
 
 HE2RNA_KS = (1, 2, 5, 10, 20, 50, 100)
 """Top-k values of the paper's configuration (``configs/config_all_genes.ini``)."""
 
 
+@doc_params(dims=doc_dims)
 class HE2RNA(nn.Module):
     """Per-tile multilayer perceptron with HE2RNA's top-k aggregation.
 
@@ -37,10 +39,7 @@ class HE2RNA(nn.Module):
 
     Parameters
     ----------
-    input_dim
-        Embedding width F.
-    num_genes
-        Number of genes G.
+    {dims}
     hidden
         Hidden widths of the per-tile MLP (the paper used ``(1024, 1024)`` on 2048-d ResNet-50
         features; the default is smaller for the small spatial data sets).

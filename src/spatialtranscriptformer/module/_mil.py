@@ -12,9 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._baseline_head import OutputHead, check_loss_level, masked_softmax
+from .._docs import doc_params
+from ._baseline_head import OutputHead, check_loss_level, doc_dims, doc_slide_head, masked_softmax
 
 
+@doc_params(dims=doc_dims, slide_head=doc_slide_head)
 class AttentionMIL(nn.Module):
     """Gated attention MIL: one expression vector per slide.
 
@@ -25,22 +27,14 @@ class AttentionMIL(nn.Module):
 
     Parameters
     ----------
-    input_dim
-        Embedding width F.
-    num_genes
-        Number of genes G.
+    {dims}
     hidden
         Width L of the instance projection (paper: 500).
     attention_dim
         Width D of the attention network (paper: 128).
     dropout
         Dropout on the projected instances.
-    loss
-        Loss name; decides the output parameters.
-    level
-        Must be ``"slide"`` (the model has no per-spot output).
-    gene_means
-        Optional (G,) target means to initialise the read-out bias.
+    {slide_head}
     """
 
     def __init__(

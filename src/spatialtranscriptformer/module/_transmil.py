@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._baseline_head import OutputHead, check_loss_level
+from .._docs import doc_params
+from ._baseline_head import OutputHead, check_loss_level, doc_dims, doc_slide_head
 
 
 def iterative_pinv(x: torch.Tensor, iters: int = 6) -> torch.Tensor:
@@ -178,6 +179,7 @@ class TransLayer(nn.Module):
         return x + res
 
 
+@doc_params(dims=doc_dims, slide_head=doc_slide_head)
 class TransMIL(nn.Module):
     """TransMIL for slide-level expression regression.
 
@@ -190,10 +192,7 @@ class TransMIL(nn.Module):
 
     Parameters
     ----------
-    input_dim
-        Embedding width F.
-    num_genes
-        Number of genes G.
+    {dims}
     dim
         Token width (paper: 512).
     heads
@@ -204,12 +203,7 @@ class TransMIL(nn.Module):
         Dropout of the attention output projections (paper: 0.1).
     grid_order
         ``"coords"`` or ``"input"``: token order on the PPEG grid.
-    loss
-        Loss name; decides the output parameters.
-    level
-        Must be ``"slide"`` (the model has no per-spot output).
-    gene_means
-        Optional (G,) target means to initialise the read-out bias.
+    {slide_head}
     """
 
     def __init__(
