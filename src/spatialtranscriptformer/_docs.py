@@ -60,6 +60,23 @@ panel_size
 ax
     Axes to draw into, one per panel (row-major)."""
 
+doc_embed_tiles = """\
+weights
+    Weight file or folder; ``None`` reads the local Hugging Face cache; ``"random"`` explicitly uses
+    random weights (tests only). Missing weights raise :class:`FileNotFoundError`.
+tile_size
+    Tile edge in pixels; default the backbone's input size.
+mpp
+    Tile resolution in µm/px; default the backbone's native resolution."""
+
+doc_embed_key = """\
+key_added
+    ``obsm`` key; default ``"X_<backbone>"``.
+overwrite
+    Recompute embeddings already present.
+image_key
+    Image element; defaults to the one recorded by the reader."""
+
 
 def doc_params(**kwds: str):
     """Substitute shared parameter text into a docstring (``{name}`` placeholders)."""

@@ -12,7 +12,15 @@ import numpy as np
 
 from .. import _constants as K
 from .._data import as_slide_list, copy_data, get_table, is_spatialdata
-from .._docs import doc_copy, doc_params, doc_progress, doc_slides, doc_table_key
+from .._docs import (
+    doc_copy,
+    doc_embed_key,
+    doc_embed_tiles,
+    doc_params,
+    doc_progress,
+    doc_slides,
+    doc_table_key,
+)
 from .._logging import logger
 from .._settings import settings
 from ._backbones import Backbone, get_backbone
@@ -60,6 +68,17 @@ def _prefetch(gen, bb: Backbone, depth: int):
         stop.set()
 
 
+def embed_settings(bb: Backbone, *, key_added: str | None, tile_size: int | None, mpp: float | None):
+    """The ``obsm`` key, tile size (px) and resolution (µm/px) of an embedding: the given ones or the backbone's."""
+    return key_added or f"{K.EMBEDDING_PREFIX}{bb.name}", tile_size or bb.spec.input_size, mpp or bb.spec.mpp
+
+
+def embedding_params(bb: Backbone, *, weights: Any, tile_size: int, mpp: float, dim: int, **extra) -> dict:
+    """The ``uns[key_added]["params"]`` record of an embedding (``extra`` appended, e.g. timing)."""
+    return {"backbone": bb.name, "weights": None if weights is None else str(weights), "tile_size": tile_size,
+            "mpp": mpp, "dim": int(dim), "license": bb.spec.license, **extra}
+
+
 def embed_slide(
     data: SpatialData,
     bb: Backbone,
@@ -98,7 +117,8 @@ def embed_slide(
     return out
 
 
-@doc_params(data=doc_slides, table_key=doc_table_key, copy=doc_copy, progress=doc_progress)
+@doc_params(data=doc_slides, tiles=doc_embed_tiles, key=doc_embed_key, table_key=doc_table_key, copy=doc_copy,
+            progress=doc_progress)
 def embed(
     data: SpatialData | list,
     *,
@@ -132,25 +152,14 @@ def embed(
         ``"ctranspath"``, ``"phikon"``, ``"uni"``, ``"virchow2"``, ``"gigapath"``, ``"hibou_b"``,
         ``"h_optimus_0"``; or any ``torch.nn.Module``/callable mapping normalised ``(B, 3, S, S)`` tensors
         to ``(B, D)``.
-    weights
-        Weight file or folder; ``None`` reads the local Hugging Face cache; ``"random"`` explicitly uses
-        random weights (tests only). Missing weights raise :class:`FileNotFoundError`.
-    tile_size
-        Tile edge in pixels; default the backbone's input size.
-    mpp
-        Tile resolution in µm/px; default the backbone's native resolution.
+    {tiles}
     batch_size
         Tiles per forward pass.
     device
         Torch device; default ``stf.settings.device``.
     amp
         bfloat16 autocast on CUDA (ignored on CPU, where it is slower).
-    key_added
-        ``obsm`` key; default ``"X_<backbone>"``.
-    overwrite
-        Recompute embeddings already present.
-    image_key
-        Image element; defaults to the one recorded by the reader.
+    {key}
     {table_key}
     {progress}
     {copy}
@@ -169,9 +178,7 @@ def embed(
         if not is_spatialdata(s):
             raise ValueError(f"Slide {i}: embedding needs the H&E image, pass a SpatialData (got {type(s).__name__}).")
     bb = get_backbone(backbone, weights=weights, device=device)
-    key = key_added or f"{K.EMBEDDING_PREFIX}{bb.name}"
-    size = tile_size or bb.spec.input_size
-    res = mpp or bb.spec.mpp
+    key, size, res = embed_settings(bb, key_added=key_added, tile_size=tile_size, mpp=mpp)
     progress = settings.progress if progress is None else progress
     todo = []
     for s in slides:
@@ -188,10 +195,8 @@ def embed(
                           image_key=image_key, progress=progress, amp=amp)
         adata = get_table(s, table_key)
         adata.obsm[key] = emb
-        adata.uns[key] = {"params": {
-            "backbone": bb.name, "weights": None if weights is None else str(weights), "tile_size": size, "mpp": res,
-            "dim": int(emb.shape[1]), "license": bb.spec.license, "seconds": round(time.perf_counter() - t0, 3),
-        }}
+        adata.uns[key] = {"params": embedding_params(bb, weights=weights, tile_size=size, mpp=res, dim=emb.shape[1],
+                                                     seconds=round(time.perf_counter() - t0, 3))}
         logger.info("embed: %d spots with %s in %.1f s", adata.n_obs, bb.name, time.perf_counter() - t0)
     if copy:
         return slides if isinstance(data, list) else slides[0]

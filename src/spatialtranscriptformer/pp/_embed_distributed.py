@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import _constants as K
 from .._data import as_slide_list, get_table
-from .._docs import doc_params, doc_progress, doc_slides, doc_table_key
+from .._docs import doc_embed_key, doc_embed_tiles, doc_params, doc_progress, doc_slides, doc_table_key
 from .._settings import settings
 from ._backbones import get_backbone, pooled_features
+from ._embed import embed_settings, embedding_params
 from ._tiles import extract_tiles, tile_plan
 
 if TYPE_CHECKING:
@@ -51,7 +51,8 @@ class _TileBatches:
         return si, pos, self.preprocess(tiles)
 
 
-@doc_params(data=doc_slides, table_key=doc_table_key, progress=doc_progress)
+@doc_params(data=doc_slides, tiles=doc_embed_tiles, key=doc_embed_key, table_key=doc_table_key,
+            progress=doc_progress)
 def embed_distributed(
     data: SpatialData | list,
     *,
@@ -87,10 +88,7 @@ def embed_distributed(
     {data}
     backbone
         A registered name or a ``torch.nn.Module``/callable (see :func:`embed`).
-    weights
-        Weight file or folder; ``None`` reads the local Hugging Face cache; ``"random"`` for tests.
-    tile_size, mpp
-        Tile size (px) and resolution (µm/px); default: the backbone's.
+    {tiles}
     batch_size
         Tiles per batch.
     num_workers
@@ -100,12 +98,7 @@ def embed_distributed(
     scratch_dir
         Folder where the processes exchange results (default: the temporary folder); with several nodes
         it must be shared by all of them.
-    key_added
-        ``obsm`` key; default ``"X_<backbone>"``.
-    overwrite
-        Recompute embeddings already present.
-    image_key
-        Image element; defaults to the one recorded by the reader.
+    {key}
     {table_key}
     {progress}
 
@@ -121,8 +114,7 @@ def embed_distributed(
     bb = get_backbone(backbone, weights=weights, device="cpu")
     if not bb.spec.is_torch:
         raise ValueError(f"Backbone {bb.name!r} is not a torch model; use `stf.pp.embed` for it.")
-    key = key_added or f"{K.EMBEDDING_PREFIX}{bb.name}"
-    size, res = tile_size or bb.spec.input_size, mpp or bb.spec.mpp
+    key, size, res = embed_settings(bb, key_added=key_added, tile_size=tile_size, mpp=mpp)
     todo = [s for s in slides if overwrite or key not in get_table(s, table_key).obsm]
     if not todo:
         return None
@@ -176,9 +168,8 @@ def embed_distributed(
         sel = si == k
         emb[pos[sel]] = feats[sel]
         adata.obsm[key] = emb
-        adata.uns[key] = {"params": {"backbone": bb.name, "weights": None if weights is None else str(weights),
-                                     "tile_size": size, "mpp": res, "dim": int(feats.shape[1]),
-                                     "license": bb.spec.license, "world_size": trainer.world_size}}
+        adata.uns[key] = {"params": embedding_params(bb, weights=weights, tile_size=size, mpp=res, dim=feats.shape[1],
+                                                     world_size=trainer.world_size)}
     trainer.strategy.barrier()
     if trainer.is_global_zero:
         shutil.rmtree(folder(), ignore_errors=True)
