@@ -39,3 +39,30 @@ def bundled_sdata():
     import spatialtranscriptformer as stf
 
     return stf.datasets.her2st()
+
+
+def _toy_slide(sid, pid, *, n=36, genes=None, f=8, seed=0, W=None):
+    """A slide whose counts depend on its embeddings (``obsm['X_toy']``) through a weight matrix shared across slides."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    genes = genes or [f"G{i}" for i in range(8)]
+    rng = np.random.default_rng(seed)
+    W = np.random.default_rng(99).normal(size=(f, len(genes))) if W is None else W
+    xy = np.stack(np.meshgrid(np.arange(6), np.arange(int(np.ceil(n / 6)))), -1).reshape(-1, 2)[:n] * 200.0
+    emb = rng.normal(size=(n, f)).astype(np.float32)
+    counts = rng.poisson(np.exp(0.5 * emb @ W / np.sqrt(f) + 1.5)).astype(np.float32)
+    obs = pd.DataFrame({"slide_id": sid, "patient_id": pid}, index=[f"{sid}_{i}" for i in range(n)])
+    a = ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=genes))
+    a.layers["counts"] = counts.copy()
+    a.obsm["spatial"] = xy
+    a.obsm["X_toy"] = emb
+    a.uns["stf_slide"] = {"mpp": 0.5, "slide_id": sid}
+    return a
+
+
+@pytest.fixture(scope="session")
+def make_toy_slide():
+    """Builder of small AnnData slides with toy embeddings: ``make_toy_slide(sid, pid, *, n, genes, f, seed, W)``."""
+    return _toy_slide

@@ -1,8 +1,6 @@
 """stf.tl.fit: training, history, determinism, resume, gene selection, dispatch and bad input."""
 
-import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -14,26 +12,9 @@ TINY = {"token_dim": 16, "n_heads": 2, "num_pathways": 4}
 FAST = {"max_epochs": 2, "gene_sets": None, "model_kwargs": TINY, "accelerator": "cpu", "progress": False}
 
 
-def make_slide(sid, pid, *, n=36, genes=None, f=8, seed=0, W=None):
-    """A slide whose counts depend on its embeddings through a weight matrix shared across slides."""
-    genes = genes or [f"G{i}" for i in range(8)]
-    rng = np.random.default_rng(seed)
-    W = np.random.default_rng(99).normal(size=(f, len(genes))) if W is None else W
-    xy = np.stack(np.meshgrid(np.arange(6), np.arange(int(np.ceil(n / 6)))), -1).reshape(-1, 2)[:n] * 200.0
-    emb = rng.normal(size=(n, f)).astype(np.float32)
-    counts = rng.poisson(np.exp(0.5 * emb @ W / np.sqrt(f) + 1.5)).astype(np.float32)
-    obs = pd.DataFrame({"slide_id": sid, "patient_id": pid}, index=[f"{sid}_{i}" for i in range(n)])
-    a = ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=genes))
-    a.layers["counts"] = counts.copy()
-    a.obsm["spatial"] = xy
-    a.obsm["X_toy"] = emb
-    a.uns["stf_slide"] = {"mpp": 0.5, "slide_id": sid}
-    return a
-
-
 @pytest.fixture
-def slides():
-    return [make_slide(f"s{i}", f"p{i // 2}", seed=i) for i in range(4)]
+def slides(make_toy_slide):
+    return [make_toy_slide(f"s{i}", f"p{i // 2}", seed=i) for i in range(4)]
 
 
 def _weights(m):
@@ -77,7 +58,7 @@ class StopAfter(Callback):
 
 
 @pytest.mark.slow
-def test_resume_continues_an_interrupted_run_exactly(slides, tmp_path):
+def test_resume_continues_an_interrupted_run_exactly(slides, tmp_path, make_toy_slide):
     kw = {**FAST, "max_epochs": 4, "early_stopping_patience": None, "validation": None}
     full = stf.tl.fit(slides, genes=4, **kw)
     stf.tl.fit(slides, genes=4, **kw, checkpoint_dir=tmp_path / "a", callbacks=[StopAfter(2)])
@@ -87,7 +68,7 @@ def test_resume_continues_an_interrupted_run_exactly(slides, tmp_path):
     assert resumed.history["epoch"].tolist() == [0, 1, 2, 3]
     w1, w2 = _weights(full), _weights(resumed)
     assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
-    other = [make_slide(f"s{i}", f"p{i}", seed=i, genes=[f"H{j}" for j in range(8)]) for i in range(2)]
+    other = [make_toy_slide(f"s{i}", f"p{i}", seed=i, genes=[f"H{j}" for j in range(8)]) for i in range(2)]
     with pytest.raises(ValueError, match="genes"):
         stf.tl.fit(other, genes=4, **kw, resume_from=ckpt)
 
@@ -102,18 +83,18 @@ def test_top_genes_are_chosen_on_training_slides_only(slides):
     assert "G7" in select_top_genes(slides, 3)  # it would be chosen if all slides counted
 
 
-def test_pathway_loss_with_named_hallmark_tokens():
+def test_pathway_loss_with_named_hallmark_tokens(make_toy_slide):
     hm = load_gene_sets("hallmark")
     genes = hm["HALLMARK_HYPOXIA"][:4] + hm["HALLMARK_APOPTOSIS"][:4]
     genes = list(dict.fromkeys(genes))[:8]
-    data = [make_slide(f"s{i}", f"p{i}", genes=genes, seed=i) for i in range(3)]
+    data = [make_toy_slide(f"s{i}", f"p{i}", genes=genes, seed=i) for i in range(3)]
     m = stf.tl.fit(data, genes=genes, gene_sets="hallmark", pathway_loss_weight=0.5, pathway_init=True,
                    max_epochs=1, model_kwargs={"token_dim": 16, "n_heads": 2}, accelerator="cpu", progress=False)
     assert "HALLMARK_HYPOXIA" in m.pathways and "HALLMARK_APOPTOSIS" in m.pathways
     assert len(m.pathways) == m.module.num_pathways < 50  # pathways without member genes are dropped
     assert np.isfinite(m.history["val_pcc"]).all()
     with pytest.raises(ValueError, match="more genes"):
-        stf.tl.fit(make_slide("x", "p"), genes=["G0", "G1"], pathway_loss_weight=0.5, max_epochs=1)
+        stf.tl.fit(make_toy_slide("x", "p"), genes=["G0", "G1"], pathway_loss_weight=0.5, max_epochs=1)
 
 
 def test_ridge_dispatch_and_unknown_model(slides):

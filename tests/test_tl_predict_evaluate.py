@@ -3,7 +3,6 @@
 import copy
 import json
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,25 +14,9 @@ from spatialtranscriptformer.tl._model import spatial_windows
 TINY = {"token_dim": 16, "n_heads": 2, "num_pathways": 3}
 
 
-def make_slide(sid, pid, *, n=36, genes=None, f=8, seed=0):
-    genes = genes or [f"G{i}" for i in range(8)]
-    rng = np.random.default_rng(seed)
-    W = np.random.default_rng(99).normal(size=(f, len(genes)))
-    xy = np.stack(np.meshgrid(np.arange(6), np.arange(int(np.ceil(n / 6)))), -1).reshape(-1, 2)[:n] * 200.0
-    emb = rng.normal(size=(n, f)).astype(np.float32)
-    counts = rng.poisson(np.exp(0.5 * emb @ W / np.sqrt(f) + 1.5)).astype(np.float32)
-    obs = pd.DataFrame({"slide_id": sid, "patient_id": pid}, index=[f"{sid}_{i}" for i in range(n)])
-    a = ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=genes))
-    a.layers["counts"] = counts.copy()
-    a.obsm["spatial"] = xy
-    a.obsm["X_toy"] = emb
-    a.uns["stf_slide"] = {"mpp": 0.5, "slide_id": sid}
-    return a
-
-
 @pytest.fixture(scope="module")
-def slides():
-    return [make_slide(f"s{i}", f"p{i}", seed=i) for i in range(3)]
+def slides(make_toy_slide):
+    return [make_toy_slide(f"s{i}", f"p{i}", seed=i) for i in range(3)]
 
 
 @pytest.fixture(scope="module")
