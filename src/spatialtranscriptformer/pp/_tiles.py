@@ -39,25 +39,28 @@ def cut_tiles(
     scale: float,
     origin: tuple[int, int] = (0, 0),
     out: np.ndarray | None = None,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Cut ``size`` x ``size`` tiles centred on ``centers`` (x, y; region pixels) from ``region``.
 
     ``scale`` is the number of region pixels per output pixel. Unless ``scale == 1`` (plain slices),
     the region is resampled once to the output scale with bilinear interpolation (Pillow) and tiles are
     sliced from it; tile origins are rounded to the slide-wide output pixel grid. ``origin`` is the
-    slide position (x, y) of ``region[0, 0]``. The region must already
+    slide position (x, y) of ``region[0, 0]``. With ``out`` and ``rows``, tile ``i`` is written to
+    ``out[rows[i]]`` (no intermediate copy). The region must already
     contain every tile's window (see :func:`extract_tiles`).
     """
     from PIL import Image
 
     n = len(centers)
     out = np.empty((n, size, size, 3), dtype=np.uint8) if out is None else out
+    rows = np.arange(n) if rows is None else rows
     half = size * scale / 2
     if abs(scale - 1.0) < 1e-6:
         x0 = np.round(centers[:, 0] - half).astype(int)
         y0 = np.round(centers[:, 1] - half).astype(int)
         for i in range(n):
-            out[i] = region[y0[i] : y0[i] + size, x0[i] : x0[i] + size, :3]
+            out[rows[i]] = region[y0[i] : y0[i] + size, x0[i] : x0[i] + size, :3]
         return out
     # resample the whole region once onto the slide-wide output grid (output pixel k sits at source
     # coordinate k * scale), then slice: a spot's tile does not depend on which block it was read in
@@ -72,7 +75,7 @@ def cut_tiles(
     x0 = (np.round((centers[:, 0] + rx0) / scale - size / 2).astype(int) - ox).clip(0, max(0, nw - size))
     y0 = (np.round((centers[:, 1] + ry0) / scale - size / 2).astype(int) - oy).clip(0, max(0, nh - size))
     for i in range(n):
-        out[i] = big[y0[i] : y0[i] + size, x0[i] : x0[i] + size]
+        out[rows[i]] = big[y0[i] : y0[i] + size, x0[i] : x0[i] + size]
     return out
 
 
@@ -85,12 +88,14 @@ def extract_tiles(
     pad_mode: PadMode = "reflect",
     cval: int = 255,
     block_px: int = 4096,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    out: np.ndarray | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """Yield ``(indices, tiles)`` for tiles centred on ``centers_xy`` (pixels of ``image``).
 
     Spots are grouped into blocks of about ``block_px`` source pixels; each block's region is read
     once (whole chunks, one read) and padded at the slide edges with ``pad_mode``, then tiles are cut
-    in memory. ``scale`` is source pixels per output pixel.
+    in memory. ``scale`` is source pixels per output pixel. With ``out`` (``(n, size, size, 3)``
+    uint8), tiles are written straight into ``out[indices]`` and ``None`` is yielded in their place.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -126,7 +131,11 @@ def extract_tiles(
             nxt = pool.submit(read, groups[k + 1]) if k + 1 < len(groups) else None
             ry0, _, rx0, _ = bounds(idx)
             local = centers_xy[idx] - np.array([rx0, ry0], dtype=np.float64)
-            yield idx, cut_tiles(region, local, size=size, scale=scale, origin=(rx0, ry0))
+            if out is None:
+                yield idx, cut_tiles(region, local, size=size, scale=scale, origin=(rx0, ry0))
+            else:
+                cut_tiles(region, local, size=size, scale=scale, origin=(rx0, ry0), out=out, rows=idx)
+                yield idx, None
 
 
 def tile_plan(
@@ -182,24 +191,16 @@ def iter_tiles(
     Yields
     ------
     ``(indices, tiles)``: integer positions of the spots in the table, and a ``(n, tile_size, tile_size, 3)``
-    uint8 array. Spots come in spatial-block order, not table order.
+    uint8 array with ``n <= batch_size`` (batches do not span the slide's reading blocks). Spots come
+    in spatial-block order, not table order.
     """
     if pad_mode not in ("reflect", "constant"):
         raise ValueError(f"pad_mode must be 'reflect' or 'constant', got {pad_mode!r}.")
     adata = get_table(data, table_key)
     level, centers, scale = tile_plan(data, adata, tile_size=tile_size, mpp=mpp, image_key=image_key)
-    buf_i, buf_t, n = [], [], 0
     for idx, tiles in extract_tiles(level, centers, size=tile_size, scale=scale, pad_mode=pad_mode, cval=cval):
-        for s in range(0, len(idx), batch_size):
-            buf_i.append(idx[s : s + batch_size])
-            buf_t.append(tiles[s : s + batch_size])
-            n += len(buf_i[-1])
-            if n >= batch_size:
-                ii, tt = np.concatenate(buf_i), np.concatenate(buf_t)
-                yield ii[:batch_size], tt[:batch_size]
-                buf_i, buf_t, n = ([ii[batch_size:]], [tt[batch_size:]], len(ii) - batch_size)
-    if n:
-        yield np.concatenate(buf_i), np.concatenate(buf_t)
+        for s in range(0, len(idx), batch_size):  # no copies: views of each block's tiles
+            yield idx[s : s + batch_size], tiles[s : s + batch_size]
 
 
 @doc_params(data=doc_data, table_key=doc_table_key)
@@ -250,6 +251,6 @@ def tiles(
         if (pos < 0).any():
             raise KeyError(f"Unknown spot ids: {spots[pos < 0][:5].tolist()}.")
     out = np.empty((len(pos), tile_size, tile_size, 3), dtype=np.uint8)
-    for idx, t in extract_tiles(level, centers[pos], size=tile_size, scale=scale, pad_mode=pad_mode, cval=cval):
-        out[idx] = t
+    for _ in extract_tiles(level, centers[pos], size=tile_size, scale=scale, pad_mode=pad_mode, cval=cval, out=out):
+        pass
     return out
