@@ -70,10 +70,13 @@ def select_top_genes(
     if len(common) == 0:
         raise ValueError("The slides share no gene names.")
     n, s1, s2 = 0, np.zeros(len(common)), np.zeros(len(common))
-    for t in tables:
+    from ..io._build import validate_counts
+
+    for i, t in enumerate(tables):
         x = layer_matrix(t, layer)
         idx = t.var_names.get_indexer(common)
         x = x[:, idx]
+        validate_counts(x, element=f"slide {i} layer {layer!r}" if layer else f"slide {i} X")
         x = x.log1p() if sp.issparse(x) else np.log1p(np.asarray(x, dtype=np.float64))
         n += x.shape[0]
         s1 += _col_sums(x)
