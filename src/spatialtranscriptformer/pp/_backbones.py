@@ -8,11 +8,13 @@ checkpoint whose keys or shapes do not match the architecture is a :class:`Value
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ._keymaps import hf_dinov2_to_timm, hf_vit_to_timm
 from ._registry import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, get_spec, register_backbone
 
 RANDOM = "random"
@@ -70,6 +72,7 @@ def _ctranspath(spec):
     "phikon", arch="vit_base_patch16_224", dim=768, input_size=224, mpp=0.5, mean=IMAGENET_MEAN,
     std=IMAGENET_STD, license="Owkin non-commercial licence (see the model card)", pooling="cls",
     hf_repo="owkin/phikon", citation="Filiot et al. 2023, Scaling self-supervised learning for histopathology with masked image modeling",
+    key_map=partial(hf_vit_to_timm, grid_size=(14, 14)),  # transformers ViTModel checkpoint
 )
 def _phikon(spec):
     return timm_model(spec)
@@ -111,6 +114,7 @@ def _gigapath(spec):
     mean=(0.7068, 0.5755, 0.722), std=(0.195, 0.2316, 0.1816), license="Apache-2.0", pooling="cls",
     hf_repo="histai/hibou-b", timm_kwargs={"img_size": 224, "init_values": 1e-5},
     citation="Nechaev et al. 2024, Hibou: A family of foundational vision transformers for pathology",
+    key_map=partial(hf_dinov2_to_timm, grid_size=(16, 16)),  # transformers DINOv2-with-registers checkpoint
 )
 def _hibou(spec):
     return timm_model(spec)
