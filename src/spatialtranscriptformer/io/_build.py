@@ -68,8 +68,85 @@ def validate_spots(
             )
 
 
+def _is_lazy(a) -> bool:
+    from dask import is_dask_collection
+
+    return is_dask_collection(a)
+
+
+def _as_cyx(a, *, name: str):
+    """One image level as a uint8 ``(3, y, x)`` array (numpy, or dask kept lazy)."""
+    lazy = _is_lazy(a)
+    if not lazy:
+        a = np.asarray(a)
+    if a.ndim == 2:
+        a = a[None][[0, 0, 0]] if lazy else np.repeat(a[None], 3, axis=0)
+    elif a.ndim == 3 and a.shape[-1] in (3, 4):
+        a = a.transpose(2, 0, 1)
+    elif not (a.ndim == 3 and a.shape[0] in (3, 4)):
+        raise ValueError(f"{name} must be (y, x, 3) or (3, y, x) RGB, got shape {a.shape}.")
+    a = a[:3]
+    if min(a.shape[1:]) < 1:
+        raise ValueError(f"{name} is empty (shape {a.shape}).")
+    if a.dtype != np.uint8:
+        if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
+            raise ValueError(f"{name}: expected a numeric image, got dtype {a.dtype}.")
+        if np.issubdtype(a.dtype, np.floating) and float(a.max()) <= 1.0:  # a streaming reduction for dask
+            a = a * 255
+        a = (a.clip(0, 255) if lazy else np.clip(a, 0, 255)).astype(np.uint8)
+    return a
+
+
+def _image_levels(image) -> tuple[list, bool]:
+    """``(3, y, x)`` uint8 levels of ``image`` (finest first) and whether they are lazy (dask)."""
+    if isinstance(image, list | tuple):
+        if not image:
+            raise ValueError("Image: got an empty list of pyramid levels.")
+        levels = [_as_cyx(a, name=f"Image level {i}") for i, a in enumerate(image)]
+        for i in range(1, len(levels)):
+            (h0, w0), (h, w) = levels[i - 1].shape[1:], levels[i].shape[1:]
+            if h > h0 or w > w0:
+                raise ValueError(
+                    f"Image level {i} ({w} x {h} px) is larger than level {i - 1} ({w0} x {h0} px); "
+                    "pyramid levels must go from the finest to the coarsest."
+                )
+    else:
+        levels = [_as_cyx(image, name="Image")]
+    lazy = [_is_lazy(a) for a in levels]
+    return levels, all(lazy)
+
+
+def _image_element(levels: list, *, lazy: bool, scale_factors, chunks: int, tf: dict):
+    """The (multiscale) image element: given levels as a DataTree, else one level (and its pyramid)."""
+    from spatialdata.models import Image2DModel
+
+    kw = {"dims": ("c", "y", "x"), "c_coords": ["r", "g", "b"], "chunks": (3, chunks, chunks)}
+    if len(levels) > 1:  # the file's own pyramid (e.g. a pyramidal TIFF): no resampling
+        from spatialdata.transformations import set_transformation
+        from spatialdata.transformations._utils import compute_coordinates
+        from xarray import Dataset, DataTree
+
+        tree = DataTree.from_dict(
+            {f"scale{i}": Dataset({"image": Image2DModel.parse(a, **kw)}) for i, a in enumerate(levels)}
+        )
+        set_transformation(tree, dict(tf), set_all=True)  # Identity at scale0, Scale(level / scale0) below
+        tree = compute_coordinates(tree)
+        Image2DModel.validate(tree)
+        return tree
+    image = levels[0]
+    if scale_factors is None:
+        scale_factors, side = [], min(image.shape[1:])
+        while side > 2048:
+            scale_factors.append(2)
+            side //= 2
+    el = Image2DModel.parse(image, scale_factors=scale_factors or None, transformations=tf, **kw)
+    if scale_factors and not lazy:  # the pyramid of an in-memory image: compute the levels once, keep them as dask
+        el = el.persist()
+    return el
+
+
 def build_slide(
-    image: np.ndarray | None,
+    image,
     adata: AnnData,
     *,
     coords: np.ndarray,
@@ -91,11 +168,16 @@ def build_slide(
     Parameters
     ----------
     image
-        RGB image ``(y, x, 3)`` uint8 at full resolution, or ``None`` for a slide without image.
+        RGB image at full resolution, ``(y, x, 3)`` or ``(c, y, x)`` (grey ``(y, x)`` is repeated), as a numpy or
+        a dask array, or its pyramid as a list of such arrays (finest first, e.g. the levels of a pyramidal
+        TIFF), or ``None`` for a slide without image. uint8 is kept, other dtypes are clipped to 0..255
+        (floats <= 1 scaled by 255). A dask image is never computed: it stays lazy (out of core), its
+        pyramid is coarsened lazily and only its shape is validated (a float dask image has its maximum
+        computed once, chunk by chunk, to choose the scaling).
     adata
         Spots x genes; copied, never modified. ``X`` holds raw counts (also stored in ``layers['counts']``).
     coords
-        Spot centres ``(x, y)`` in full-resolution pixels of ``image``.
+        Spot centres ``(x, y)`` in full-resolution pixels of ``image`` (of its finest level).
     mpp
         Microns per full-resolution pixel.
     spot_diameter_um
@@ -107,9 +189,10 @@ def build_slide(
     image_key, shapes_key, table_key
         Element names.
     scale_factors
-        Downscaling factors of the image pyramid; default: halve until the smallest side is < 2048 px.
+        Downscaling factors of the image pyramid of a single-level ``image``; default: halve until the smallest
+        side is < 2048 px. Not allowed with a list of levels (the pyramid is given).
     chunks
-        Chunk edge of the image arrays.
+        Chunk edge of the image arrays (of every pyramid level).
     validate
         Validate counts and coordinates (disable only for trusted, very large inputs).
     extra_meta
@@ -118,27 +201,19 @@ def build_slide(
     import geopandas as gpd
     import shapely
     from spatialdata import SpatialData
-    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.models import ShapesModel, TableModel
     from spatialdata.transformations import Identity
 
     coords = np.asarray(coords, dtype=np.float64)
     ids = pd.Index(adata.obs_names.astype(str))
-    if image is not None:
-        image = np.asarray(image)
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=-1)
-        if image.ndim != 3 or image.shape[-1] not in (3, 4):
-            raise ValueError(f"Image must be (y, x, 3) RGB, got shape {image.shape}.")
-        image = image[..., :3]
-        if image.dtype != np.uint8:
-            if np.issubdtype(image.dtype, np.floating) and image.max() <= 1.0:
-                image = image * 255
-            image = np.clip(image, 0, 255).astype(np.uint8)
+    levels, lazy = (None, False) if image is None else _image_levels(image)
+    if levels is not None and len(levels) > 1 and scale_factors is not None:
+        raise ValueError("Pass either pyramid levels (a list of images) or scale_factors=, not both.")
     if validate:
         validate_counts(adata.X, element=f"slide {slide_id!r} counts")
         validate_spots(
             coords,
-            image_shape=None if image is None else image.shape[:2],
+            image_shape=None if levels is None else tuple(levels[0].shape[1:]),
             mpp=mpp,
             spot_diameter_um=spot_diameter_um,
             spot_ids=ids,
@@ -182,21 +257,6 @@ def build_slide(
     table = TableModel.parse(table, region=shapes_key, region_key=K.REGION_KEY, instance_key=K.INSTANCE_KEY)
 
     images = {}
-    if image is not None:
-        if scale_factors is None:
-            scale_factors, side = [], min(image.shape[:2])
-            while side > 2048:
-                scale_factors.append(2)
-                side //= 2
-        arr = np.moveaxis(image, -1, 0)
-        images[image_key] = Image2DModel.parse(
-            arr,
-            dims=("c", "y", "x"),
-            c_coords=["r", "g", "b"],
-            scale_factors=scale_factors or None,
-            chunks=(3, chunks, chunks),
-            transformations=tf,
-        )
-        if scale_factors:  # the pyramid of an in-memory image: compute the levels once, keep them as dask
-            images[image_key] = images[image_key].persist()
+    if levels is not None:
+        images[image_key] = _image_element(levels, lazy=lazy, scale_factors=scale_factors, chunks=chunks, tf=tf)
     return SpatialData(images=images, shapes={shapes_key: shapes}, tables={table_key: table})

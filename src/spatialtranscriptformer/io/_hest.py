@@ -12,7 +12,7 @@ import numpy as np
 
 from .._logging import logger
 from ._build import build_slide
-from ._visium import VISIUM_SPOT_DIAMETER_UM, check_mpp, read_image_file
+from ._visium import VISIUM_SPOT_DIAMETER_UM, check_mpp, open_image_file
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -106,8 +106,11 @@ def read_hest(
     spot_diameter_um
         Spot diameter in µm, overriding the metadata.
     level
-        Pyramid level of the WSI to load; coordinates and µm/px are rescaled to it (recorded as
-        ``image_level`` / ``image_downsample`` in ``uns['stf_slide']``). The level is read into memory.
+        Finest pyramid level of the WSI to use; coordinates and µm/px are rescaled to it (recorded as
+        ``image_level`` / ``image_downsample`` in ``uns['stf_slide']``). The WSI is not read into memory:
+        this level and the file's coarser levels become the lazy (dask) levels of the multiscale image
+        ``"he"``, read region by region when tiles are cut, so the TIFF must stay in place while the
+        SpatialData is in use (``sdata.write`` copies the pixels into the zarr store).
     load_image
         Read the WSI (set ``False`` for expression-only work).
     patient_id
@@ -170,8 +173,11 @@ def read_hest(
     coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
     image, ds = None, 1.0
     if wsi is not None:
-        image, ds = read_image_file(wsi, level=level)
-        logger.info("HEST %s: %s level %d, %s px, downsample %.3g", sample_id, wsi.name, level, image.shape, ds)
+        image, ds = open_image_file(wsi, level=level)
+        logger.info(
+            "HEST %s: %s level %d, %s px, downsample %.3g, %d pyramid level(s), read lazily",
+            sample_id, wsi.name, level, image[0].shape, ds, len(image),
+        )
     if ds != 1.0 and "spatial" in adata.uns:
         del adata.uns["spatial"]  # scanpy scalefactors refer to level 0
     extra = {

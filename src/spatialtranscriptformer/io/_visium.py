@@ -27,11 +27,15 @@ IMG_KEYS = ("auto", "fullres", "hires", "lowres")
 ImgKey = Literal["auto", "fullres", "hires", "lowres"] | None
 
 
-def is_blank(img: np.ndarray) -> bool:
-    """Whether an image (``y, x, c``) is a single colour (checked on a strided subsample)."""
-    a = np.asarray(img)
+def is_blank(img) -> bool:
+    """Whether an image (``y, x, c``; numpy or dask; pyramid levels: the coarsest) is a single colour.
+
+    Checked on a strided subsample (of a dask image, only that subsample is computed).
+    """
+    a = img[-1] if isinstance(img, list | tuple) else img
     step = max(1, min(a.shape[:2]) // 512)
-    sub = np.asarray(a[::step, ::step, :3]) if a.ndim == 3 else np.asarray(a[::step, ::step])
+    sub = a[::step, ::step, :3] if a.ndim == 3 else a[::step, ::step]
+    sub = np.asarray(sub.compute() if hasattr(sub, "compute") else sub)
     return bool(sub.size == 0 or (sub == sub.reshape(-1, *sub.shape[2:])[0]).all())
 
 
@@ -76,8 +80,31 @@ def read_image_file(path: str | os.PathLike, *, level: int = 0) -> tuple[np.ndar
         return np.asarray(im.convert("RGB") if im.mode not in ("RGB", "L") else im), 1.0
 
 
+def open_image_file(path: str | os.PathLike, *, level: int = 0, chunks: int = 1024) -> tuple[np.ndarray | list, float]:
+    """Open an image file for :func:`~spatialtranscriptformer.io._build.build_slide`, lazily if it can.
+
+    A TIFF (pyramidal / OME / BigTIFF) is opened without reading pixels: its levels from ``level`` on
+    become lazy dask arrays (see :func:`~spatialtranscriptformer.io._tiff.tiff_levels`), so a whole-slide
+    image is read region by region when tiles are cut. Other formats (JPEG, PNG) cannot be read in parts
+    and are read into memory with :func:`read_image_file`.
+
+    Returns
+    -------
+    The image (a list of ``(y, x, c)`` levels, finest first, for a TIFF; an array otherwise) and the
+    downsampling factor of ``level`` relative to level 0.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Image file not found: {path}")
+    if path.suffix.lower() in (".tif", ".tiff", ".btf"):
+        from ._tiff import tiff_levels
+
+        return tiff_levels(path, level=level, chunks=chunks)
+    return read_image_file(path, level=level)
+
+
 def choose_image(
-    candidates: list[tuple[str, float | None, Callable[[], np.ndarray] | None, str]],
+    candidates: list[tuple[str, float | None, Callable[[], np.ndarray | list] | None, str]],
     img_key: str | None,
     *,
     source: str,
@@ -182,7 +209,8 @@ def read_visium(
         Counts file name (a ``<library_id>_`` prefix is found automatically).
     fullres_image_file
         The full-resolution H&E given to Space Ranger (TIFF/BigTIFF/JPEG/PNG), absolute or relative to
-        ``path``.
+        ``path``. A TIFF is opened lazily (read region by region when tiles are cut; its own pyramid
+        levels are used); JPEG/PNG are read into memory.
     img_key
         ``"auto"``: the full-resolution image if given, else the highest-resolution image that is not blank
         (a single colour, with a warning); ``"fullres"``, ``"hires"``, ``"lowres"`` to choose; ``None`` for
@@ -254,7 +282,7 @@ def read_visium(
         img = sdata.images.get(f"{dataset_id}_{name}_image")
         return None if img is None else (lambda: np.moveaxis(np.asarray(img.data), 0, -1))
 
-    fullres_loader = None if fullres_path is None else (lambda: read_image_file(fullres_path)[0])
+    fullres_loader = None if fullres_path is None else (lambda: open_image_file(fullres_path)[0])
     candidates = [
         ("fullres", 1.0, fullres_loader, str(fullres_path or "no fullres_image_file given")),
         ("hires", scalefactors["tissue_hires_scalef"], _loader("hires"), str(spatial / "tissue_hires_image.png")),

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ._build import build_slide
-from ._visium import ImgKey, check_mpp, choose_image, read_image_file
+from ._visium import ImgKey, check_mpp, choose_image, open_image_file, read_image_file
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -73,7 +73,8 @@ def read_visium_hd(
     bin_size
         Bin edge in µm (2, 8 or 16 in standard outputs); the error lists the sizes present.
     fullres_image_file
-        The full-resolution H&E given to Space Ranger, absolute or relative to ``path``.
+        The full-resolution H&E given to Space Ranger, absolute or relative to ``path``. A TIFF is opened
+        lazily (read region by region when tiles are cut; its own pyramid levels are used).
     img_key
         ``"auto"``, ``"fullres"``, ``"hires"``, ``"lowres"`` or ``None`` (no image); see
         :func:`~spatialtranscriptformer.io.read_visium`.
@@ -160,7 +161,7 @@ def read_visium_hd(
 
     hires_loader, hires_desc = _img("hires")
     lowres_loader, lowres_desc = _img("lowres")
-    fullres_loader = None if fullres_path is None else (lambda: read_image_file(fullres_path)[0])
+    fullres_loader = None if fullres_path is None else (lambda: open_image_file(fullres_path)[0])
     candidates = [
         ("fullres", 1.0, fullres_loader, str(fullres_path or "no fullres_image_file given")),
         ("hires", sf.get("tissue_hires_scalef"), hires_loader, hires_desc),
