@@ -157,7 +157,10 @@ def fit(
     validation
         ``"patient"`` (hold out ``val_fraction`` of the patients; one patient -> held-out slides, logged),
         ``"slide"``, ``None`` or a list of slide ids. A single slide trains without validation (logged):
-        no early stopping, the last weights are kept.
+        no early stopping, the last weights are kept. With very few training slides (e.g. three sections
+        of one patient), holding one out for early stopping costs a third of the data: a small model
+        trained for a fixed number of epochs on all of them (``validation=None``) did better in our
+        her2st leave-one-section-out study (``benchmarks/bench_her2st_accuracy.py``).
     val_fraction
         Fraction of patients / slides used for validation.
     min_counts
