@@ -80,9 +80,8 @@ def run_benchmark(
     from . import pp, tl
 
     slides, note = load_slides(dataset, data_dir=data_dir, seed=seed)
-    pp.embed(slides, backbone=backbone, weights=weights, progress=False)
-    key = next(k for k in slides[0].tables[K.TABLE_KEY].uns if k.startswith(K.EMBEDDING_PREFIX)
-               and slides[0].tables[K.TABLE_KEY].uns[k]["params"]["backbone"].lower() == str(backbone).lower())
+    key = f"{K.EMBEDDING_PREFIX}{backbone}"
+    pp.embed(slides, backbone=backbone, weights=weights, key_added=key, progress=False)
     data: list = slides
     if len(slides) == 1:
         data = spatial_blocks(slides[0].tables[K.TABLE_KEY])

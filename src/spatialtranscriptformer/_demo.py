@@ -72,8 +72,8 @@ def run_demo(
     t0 = time.perf_counter()
     sdata = datasets.her2st()
     table = sdata.tables[K.TABLE_KEY]
-    pp.embed(sdata, backbone=backbone, weights=weights, progress=progress)
-    key = next(k for k in table.uns if k.startswith(K.EMBEDDING_PREFIX) and table.uns[k]["params"]["backbone"].lower() == backbone.lower())
+    key = f"{K.EMBEDDING_PREFIX}{backbone}"
+    pp.embed(sdata, backbone=backbone, weights=weights, key_added=key, progress=progress)
     pp.pathway_activity(sdata)
     test = spatial_holdout(table.obsm[K.SPATIAL_KEY])
     train = table[~test].copy()
@@ -85,7 +85,7 @@ def run_demo(
         pred_key = K.PRED_KEY if name == model else f"{name}_pred"
         tl.predict(sdata, fitted, key_added=pred_key, pathway_key_added=K.PRED_PATHWAY_KEY if name == model else f"{name}_pathways")
         res = tl.evaluate(table[test].copy(), pred_key=pred_key)
-        res = res[res.get("feature_type", pd.Series("gene", index=res.index)).eq("gene")] if "feature_type" in res else res
+        res = res[res["feature_type"] == "gene"]
         res.insert(0, "model", name)
         results.append(res)
     metrics = pd.concat(results, ignore_index=True)
