@@ -14,26 +14,71 @@ from typing import Any
 
 import numpy as np
 
-from ._keymaps import hf_dinov2_to_timm, hf_vit_to_timm
+from ._keymaps import hf_dinov2_to_timm, hf_vit_to_timm, transpath_swin_to_timm
 from ._registry import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, get_spec, register_backbone
 
 RANDOM = "random"
 """``weights="random"``: explicit opt-in to random initialisation (tests, smoke runs)."""
 
+# Where each registered architecture comes from (the facts are the publishers'; see docs/backbones.md for
+# links and what the test suite verifies, tests/test_backbone_equivalence.py for the checks):
+#
+# name         publisher's model code / config                                    registry build
+# ctranspath   TransPath ctran.py: timm 0.5.4 swin_tiny_patch4_window7_224 with    timm swin_tiny + ConvStem;
+#              ConvStem; get_features_CTransPath.py loads ctranspath.pth["model"]  key map transpath_swin_to_timm
+# phikon       owkin/phikon config.json: transformers ViTModel, hidden 768, 12       timm vit_base_patch16_224,
+#              layers/heads, patch 16, image 224, layer_norm_eps 1e-12; card:       LayerNorm eps 1e-12;
+#              last_hidden_state[:, 0]                                              key map hf_vit_to_timm
+# uni          MahmoodLab/UNI get_encoder.py + card: vit_large_patch16_224,        same kwargs
+#              img 224, patch 16, init_values 1e-5, dynamic_img_size; model(x) = CLS
+# virchow2     paige-ai/Virchow2 config.json + card: vit_huge_patch14_224, img 224, same kwargs + SwiGLUPacked/SiLU
+#              init_values 1e-5, mlp_ratio 5.3375, reg_tokens 4, dynamic_img_size,
+#              SwiGLUPacked + SiLU; embedding = CLS (+) mean of tokens 5: (not the 4 registers)
+# gigapath     prov-gigapath/prov-gigapath config.json: vit_giant_patch14_dinov2    same kwargs (patch 16!)
+#              with img 224, patch 16, embed 1536, depth 40, heads 24,
+#              init_values 1e-5, mlp_ratio 5.33334; model(x) = CLS
+# hibou_b      histai/hibou-b config.json (custom Dinov2ModelWithRegisters,          timm vit_base_patch14_reg4_dinov2
+#              trust_remote_code): hidden 768, 12 layers/heads, patch 14, image 224, + SwiGLUPacked (2 x 2048)/SiLU;
+#              4 registers, use_swiglu_ffn, layer_norm_eps 1e-6; pooler_output = CLS key map hf_dinov2_to_timm
+# h_optimus_0  bioptimus/H-optimus-0 config.json + card: vit_giant_patch14_reg4_dinov2, same kwargs
+#              input 224 (fixed), init_values 1e-5, dynamic_img_size False; model(x) = CLS
 
-def timm_model(spec: BackboneSpec):
-    """A weight-less timm model for ``spec`` (``num_classes=0``)."""
+
+def timm_model(spec: BackboneSpec, **extra: Any):
+    """A weight-less timm model for ``spec`` (``num_classes=0``); ``extra`` adds non-JSON arguments (layers)."""
     import timm
 
-    return timm.create_model(spec.arch, pretrained=False, num_classes=0, **spec.timm_kwargs)
+    return timm.create_model(spec.arch, pretrained=False, num_classes=0, **spec.timm_kwargs, **extra)
 
 
-def _virchow_kwargs() -> dict[str, Any]:
+def _swiglu_kwargs() -> dict[str, Any]:
+    """Arguments for timm's packed SwiGLU feed-forward: ``fc1`` -> ``[x1; x2]``, ``fc2(silu(x1) * x2)`` (Shazeer 2020)."""
     import torch
     from timm.layers import SwiGLUPacked
 
-    return {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "reg_tokens": 4,
-            "mlp_layer": SwiGLUPacked, "act_layer": torch.nn.SiLU, "dynamic_img_size": True}
+    return {"mlp_layer": SwiGLUPacked, "act_layer": torch.nn.SiLU}
+
+
+def _dinov2_swiglu_ratio(dim: int, mlp_ratio: float = 4.0) -> float:
+    """``mlp_ratio`` giving timm's ``SwiGLUPacked`` the widths of DINOv2's SwiGLU feed-forward.
+
+    DINOv2 (and ``transformers`` ``Dinov2SwiGLUFFN``) use a hidden width of
+    ``(int(int(dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8`` (768 -> 2048) and a first projection of twice
+    that; timm's ``SwiGLUPacked`` takes the first projection's width as ``int(dim * mlp_ratio)``.
+    """
+    hidden = (int(int(dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
+    ratio = (2 * hidden + 0.5) / dim  # +0.5: int(dim * ratio) must not round down to 2 * hidden - 1
+    if int(dim * ratio) != 2 * hidden:  # pragma: no cover - arithmetic guard
+        raise ValueError(f"Cannot express a SwiGLU width of {2 * hidden} for dim {dim} as a timm mlp_ratio.")
+    return ratio
+
+
+def _hf_vit_key_map(state_dict, model):
+    return hf_vit_to_timm(state_dict, grid_size=model.patch_embed.grid_size)
+
+
+def _hf_dinov2_key_map(state_dict, model):
+    return hf_dinov2_to_timm(state_dict, grid_size=model.patch_embed.grid_size)
 
 
 @register_backbone(
@@ -58,30 +103,37 @@ def _resnet18(spec):
     "ctranspath", arch="swin_tiny_patch4_window7_224", dim=768, input_size=224, mpp=1.0, mean=IMAGENET_MEAN,
     std=IMAGENET_STD, license="GPL-3.0", pooling="avg", hf_repo=None, weight_files=("ctranspath.pth",),
     citation="Wang et al. 2022, Transformer-based unsupervised contrastive learning for histopathological image classification (Medical Image Analysis)",
+    key_map=transpath_swin_to_timm,  # TransPath's ctranspath.pth: timm 0.5.4 Swin layout
 )
 def _ctranspath(spec):
     """Swin-T whose patch embedding is CTransPath's convolutional stem."""
-    import timm
-
     from ._ctranspath import ConvStem
 
-    return timm.create_model(spec.arch, pretrained=False, num_classes=0, embed_layer=ConvStem)
+    return timm_model(spec, embed_layer=ConvStem)
+
+
+PHIKON_LAYER_NORM_EPS = 1e-12
+"""``layer_norm_eps`` of ``owkin/phikon``'s ``config.json`` (the ``ViTModel`` the weights are published for)."""
 
 
 @register_backbone(
     "phikon", arch="vit_base_patch16_224", dim=768, input_size=224, mpp=0.5, mean=IMAGENET_MEAN,
     std=IMAGENET_STD, license="Owkin non-commercial licence (see the model card)", pooling="cls",
     hf_repo="owkin/phikon", citation="Filiot et al. 2023, Scaling self-supervised learning for histopathology with masked image modeling",
-    key_map=partial(hf_vit_to_timm, grid_size=(14, 14)),  # transformers ViTModel checkpoint
+    timm_kwargs={"img_size": 224}, key_map=_hf_vit_key_map,  # transformers ViTModel checkpoint
 )
 def _phikon(spec):
-    return timm_model(spec)
+    """ViT-B/16 with the LayerNorm epsilon of Phikon's published ``ViTModel`` config (1e-12, timm: 1e-6)."""
+    import torch
+
+    return timm_model(spec, norm_layer=partial(torch.nn.LayerNorm, eps=PHIKON_LAYER_NORM_EPS))
 
 
 @register_backbone(
     "uni", arch="vit_large_patch16_224", dim=1024, input_size=224, mpp=0.5, mean=IMAGENET_MEAN,
     std=IMAGENET_STD, license="CC-BY-NC-ND-4.0", pooling="cls", hf_repo="MahmoodLab/UNI",
-    weight_files=("pytorch_model.bin",), timm_kwargs={"init_values": 1e-5, "dynamic_img_size": True},
+    weight_files=("pytorch_model.bin",),
+    timm_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
     citation="Chen et al. 2024, Towards a general-purpose foundation model for computational pathology (Nature Medicine)",
 )
 def _uni(spec):
@@ -91,18 +143,20 @@ def _uni(spec):
 @register_backbone(
     "virchow2", arch="vit_huge_patch14_224", dim=2560, input_size=224, mpp=0.5, mean=IMAGENET_MEAN,
     std=IMAGENET_STD, license="CC-BY-NC-ND-4.0", pooling="cls+mean", hf_repo="paige-ai/Virchow2",
+    timm_kwargs={"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "reg_tokens": 4, "dynamic_img_size": True},
     citation="Zimmermann et al. 2024, Virchow2: Scaling self-supervised mixed magnification models in pathology",
 )
 def _virchow2(spec):
-    import timm
-
-    return timm.create_model(spec.arch, pretrained=False, num_classes=0, **_virchow_kwargs())
+    return timm_model(spec, **_swiglu_kwargs())
 
 
 @register_backbone(
     "gigapath", arch="vit_giant_patch14_dinov2", dim=1536, input_size=224, mpp=0.5, mean=IMAGENET_MEAN,
     std=IMAGENET_STD, license="Prov-GigaPath licence (see the model card)", pooling="cls",
-    hf_repo="prov-gigapath/prov-gigapath", timm_kwargs={"img_size": 224, "init_values": 1e-5},
+    hf_repo="prov-gigapath/prov-gigapath",
+    # the published config overrides the architecture's patch 14 with 16 (a 14 x 14 grid at 224 px)
+    timm_kwargs={"img_size": 224, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,
+                 "init_values": 1e-5, "mlp_ratio": 5.33334},
     citation="Xu et al. 2024, A whole-slide foundation model for digital pathology from real-world data (Nature)",
 )
 def _gigapath(spec):
@@ -112,12 +166,14 @@ def _gigapath(spec):
 @register_backbone(
     "hibou_b", arch="vit_base_patch14_reg4_dinov2", dim=768, input_size=224, mpp=0.5,
     mean=(0.7068, 0.5755, 0.722), std=(0.195, 0.2316, 0.1816), license="Apache-2.0", pooling="cls",
-    hf_repo="histai/hibou-b", timm_kwargs={"img_size": 224, "init_values": 1e-5},
+    hf_repo="histai/hibou-b", timm_kwargs={"img_size": 224, "embed_dim": 768, "init_values": 1e-5},
     citation="Nechaev et al. 2024, Hibou: A family of foundational vision transformers for pathology",
-    key_map=partial(hf_dinov2_to_timm, grid_size=(16, 16)),  # transformers DINOv2-with-registers checkpoint
+    key_map=_hf_dinov2_key_map,  # transformers DINOv2-with-registers checkpoint (SwiGLU feed-forward)
 )
 def _hibou(spec):
-    return timm_model(spec)
+    """DINOv2 ViT-B/14 with 4 registers and DINOv2's SwiGLU feed-forward (``use_swiglu_ffn`` in the config)."""
+    ratio = _dinov2_swiglu_ratio(int(spec.timm_kwargs.get("embed_dim", 768)))
+    return timm_model(spec, mlp_ratio=ratio, **_swiglu_kwargs())
 
 
 @register_backbone(
@@ -187,6 +243,17 @@ def read_state_dict(path: Path) -> dict:
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
     return sd
+
+
+def apply_key_map(key_map, state_dict: dict, model) -> dict:
+    """Call ``key_map(state_dict, model=model)``, or ``key_map(state_dict)`` if it takes no ``model``."""
+    import inspect
+
+    try:
+        takes_model = "model" in inspect.signature(key_map).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        takes_model = False
+    return key_map(state_dict, model=model) if takes_model else key_map(state_dict)
 
 
 def load_state_dict_strict(model, state_dict: dict, *, name: str, source: str) -> None:
@@ -337,7 +404,7 @@ def get_backbone(
         if load:
             sd = read_state_dict(path)
             if spec.key_map is not None:
-                sd = spec.key_map(sd)
+                sd = apply_key_map(spec.key_map, sd, model)
             load_state_dict_strict(model, sd, name=spec.name, source=str(path))
     elif callable(backbone):
         spec = _module_spec(backbone, name=type(backbone).__name__, input_size=input_size, mpp=mpp, mean=mean, std=std)

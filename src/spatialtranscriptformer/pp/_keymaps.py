@@ -1,15 +1,23 @@
-"""Converters from Hugging Face ``transformers`` checkpoints to timm Vision Transformer key names.
+"""Converters from published checkpoint layouts to the timm key names the registry builds.
 
 Phikon (``owkin/phikon``, a ``transformers`` ``ViTModel``) and Hibou (``histai/hibou-b``, a DINOv2 model
-with register tokens) are distributed in ``transformers`` format; the registry builds timm
-architectures. These functions rename (and, for the attention input projection, concatenate) the
-tensors so that the strict load in :func:`~spatialtranscriptformer.pp.get_backbone` succeeds. They are
-our own code, written from the published layouts of both libraries:
+with register tokens and a SwiGLU feed-forward) are distributed in ``transformers`` format, CTransPath
+(``ctranspath.pth`` of the TransPath repository) in the layout of timm 0.5.4, which TransPath pins; the
+registry builds current timm architectures. These functions rename (and, for the attention input
+projection, concatenate) the tensors so that the strict load in
+:func:`~spatialtranscriptformer.pp.get_backbone` succeeds. They are our own code, written from the
+published layouts of the libraries involved:
 
 - ViT: Dosovitskiy et al. 2021, *An Image is Worth 16x16 Words* (ICLR); timm ``VisionTransformer``;
   ``transformers`` ``ViTModel``.
 - DINOv2 with registers: Oquab et al. 2024, *DINOv2* (TMLR); Darcet et al. 2024, *Vision Transformers
-  Need Registers* (ICLR); timm ``vit_*_reg4_dinov2``; ``transformers`` ``Dinov2WithRegistersModel``.
+  Need Registers* (ICLR); timm ``vit_*_reg4_dinov2``; ``transformers`` ``Dinov2WithRegistersModel``
+  (the same names as the custom ``Dinov2ModelWithRegisters`` that ``histai/hibou-b`` ships).
+- Swin: Liu et al. 2021, *Swin Transformer* (ICCV); Wang et al. 2022, CTransPath (*Medical Image
+  Analysis* 81:102559); timm 0.5.4 and timm >= 0.9 ``SwinTransformer``.
+
+Equivalence with the publishers' model classes is tested in ``tests/test_backbone_equivalence.py``
+and summarised in the documentation page *Backbones*.
 
 Keys that are not recognised keep their name, so the strict load reports them instead of dropping
 them silently; only tensors without a timm counterpart and without effect on the features are
@@ -41,6 +49,8 @@ _DINOV2_LAYER = {
     "norm2.": "norm2.",
     "mlp.fc1.": "mlp.fc1.",
     "mlp.fc2.": "mlp.fc2.",
+    "mlp.weights_in.": "mlp.fc1.",  # SwiGLU feed-forward (use_swiglu_ffn): packed [gate; value] projection
+    "mlp.weights_out.": "mlp.fc2.",
     "layer_scale1.lambda1": "ls1.gamma",
     "layer_scale2.lambda1": "ls2.gamma",
 }
@@ -169,7 +179,9 @@ def hf_dinov2_to_timm(state_dict: Mapping[str, Any], *, grid_size: Sequence[int]
 
     ``embeddings.register_tokens`` -> ``reg_token``; query/key/value -> ``blocks.{i}.attn.qkv``;
     ``attention.output.dense`` -> ``attn.proj``; ``layer_scale{1,2}.lambda1`` -> ``ls{1,2}.gamma``;
-    ``norm1``/``norm2``/``mlp.fc1``/``mlp.fc2`` keep their names under ``blocks.{i}``; the final
+    ``norm1``/``norm2``/``mlp.fc1``/``mlp.fc2`` keep their names under ``blocks.{i}``; the SwiGLU
+    feed-forward's ``mlp.weights_in``/``mlp.weights_out`` become ``mlp.fc1``/``mlp.fc2`` of timm's
+    ``SwiGLUPacked`` (both compute ``silu(x1) * x2`` of the two halves of the first projection); the final
     ``layernorm`` -> ``norm``; ``embeddings.mask_token`` is dropped. Prefixes ``dinov2.`` and
     ``dinov2_with_registers.`` are accepted. Used for Hibou (Nechaev et al. 2024).
 
@@ -210,3 +222,40 @@ def _cat_tokens(a, b):
     import torch
 
     return torch.cat([a, b.to(a.dtype)], dim=1)
+
+
+_TRANSPATH_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
+_SWIN_BUFFERS = (".relative_position_index", ".attn_mask")
+
+
+def transpath_swin_to_timm(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Convert CTransPath's ``ctranspath.pth`` (timm 0.5.4 Swin layout) to timm >= 0.9 Swin names.
+
+    TransPath (Wang et al. 2022) builds ``swin_tiny_patch4_window7_224`` of timm 0.5.4 with its
+    convolutional stem as patch embedding (``ctran.py``) and saves ``{"model": state_dict}`` loaded
+    with ``strict=True`` after ``model.head = nn.Identity()`` (``get_features_CTransPath.py``). Two
+    things differ from current timm: the patch-merging layer closing stage ``i`` is stored as
+    ``layers.{i}.downsample`` (timm >= 0.9 opens stage ``i + 1`` with it: ``layers.{i+1}.downsample``),
+    and the window buffers ``relative_position_index`` and ``attn_mask`` are saved (current timm
+    recomputes them from the window geometry and does not store them). This renames the former and
+    drops the latter, and drops a classifier ``head.*`` if present (the backbone has no head);
+    everything else, the convolutional stem ``patch_embed.proj.{0,1,3,4,6}`` included, keeps its name.
+
+    Parameters
+    ----------
+    state_dict
+        Checkpoint tensors (the ``"model"`` entry is unwrapped by the loader); a checkpoint already in
+        the current layout (no ``layers.0.downsample``) is returned unchanged.
+
+    Returns
+    -------
+    A new state dict in timm >= 0.9 names (the input is not modified).
+    """
+    if not any(k.startswith("layers.0.downsample.") for k in state_dict):
+        return state_dict if isinstance(state_dict, dict) else dict(state_dict)
+    out: dict[str, Any] = {}
+    for k, v in state_dict.items():
+        if k.endswith(_SWIN_BUFFERS) or k.startswith("head."):
+            continue
+        out[_TRANSPATH_DOWNSAMPLE.sub(lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", k)] = v
+    return out

@@ -37,14 +37,20 @@ class BackboneSpec:
     weight_files
         Candidate weight file names inside ``hf_repo``.
     pooling
-        ``"avg"`` (pooled CNN features), ``"cls"`` (class token), ``"cls+mean"`` (class token concatenated
-        with the mean of the patch tokens), or ``"features"`` (numpy feature extractor).
+        ``"avg"`` (pooled CNN / Swin features), ``"cls"`` (class token of the final-normed sequence),
+        ``"cls+mean"`` (class token concatenated with the mean of the patch tokens, register tokens
+        excluded), or ``"features"`` (numpy feature extractor).
+    timm_kwargs
+        JSON-compatible keyword arguments of ``timm.create_model`` (layer classes, e.g. a SwiGLU
+        feed-forward or a LayerNorm epsilon, are added by ``build``).
     arch
         timm architecture name (``None`` for non-timm backbones).
     build
         Function ``build(spec) -> torch.nn.Module | callable`` creating the (weight-less) model.
     key_map
-        Optional function converting a checkpoint's state dict to the model's key names.
+        Optional function converting a checkpoint's state dict to the model's key names:
+        ``key_map(state_dict)``, or ``key_map(state_dict, model=model)`` to see the built model (e.g. its
+        patch grid).
     """
 
     name: str
