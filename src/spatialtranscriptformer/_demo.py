@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from . import _constants as K
+from ._atomic import atomic_output, atomic_write_text, write_spatialdata
 from ._logging import logger
 
 
@@ -42,7 +42,9 @@ def run_demo(
     ----------
     out
         Output folder: ``her2st_C2.zarr`` (SpatialData with embeddings, targets and predictions),
-        ``demo_maps.png`` (observed vs predicted maps), ``metrics.csv`` and ``summary.json``.
+        ``demo_maps.png`` (observed vs predicted maps), ``metrics.csv`` and ``summary.json``. Each is
+        written to a temporary sibling and moved into place when complete (an earlier run's output
+        is replaced only then).
     backbone
         Backbone name (``handcrafted`` needs no weights).
     weights
@@ -89,14 +91,13 @@ def run_demo(
         res.insert(0, "model", name)
         results.append(res)
     metrics = pd.concat(results, ignore_index=True)
-    metrics.to_csv(out / "metrics.csv", index=False)
+    with atomic_output(out / "metrics.csv") as tmp:
+        metrics.to_csv(tmp, index=False)
     summary = metrics.groupby("model")["pearson"].agg(["mean", "median", "count"]).round(4)
     best = metrics[metrics.model == model].sort_values("pearson", ascending=False)["gene"].head(3).tolist()
     pl.spatial(sdata, genes=best, layers=(K.COUNTS_LAYER, K.PRED_KEY), save=out / "demo_maps.png", show=False)
-    with warnings.catch_warnings():  # zarr's notice about a future default, not actionable here
-        warnings.filterwarnings("ignore", message=".*autosharding.*")
-        sdata.write(out / "her2st_C2.zarr", overwrite=True)
+    write_spatialdata(sdata, out / "her2st_C2.zarr", overwrite=True)
     info = {"backbone": backbone, "model": model, "n_genes": n_genes, "held_out_spots": int(test.sum()),
             "mean_pearson_held_out": summary["mean"].to_dict(), "seconds": round(time.perf_counter() - t0, 1)}
-    (out / "summary.json").write_text(json.dumps(info, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(info, indent=2))
     return metrics

@@ -302,7 +302,10 @@ def finish(
     import matplotlib.pyplot as plt
 
     if save is not None:
-        fig.savefig(save, dpi=dpi, bbox_inches="tight")
+        from .._atomic import atomic_output
+
+        with atomic_output(save) as tmp:  # the figure file appears whole or not at all
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=Path(save).suffix[1:].lower() or None)
         logger.info("Saved figure to %s", save)
     if show is None:
         show = not return_fig and not user_ax

@@ -171,6 +171,11 @@ def embed(
     - ``obsm[key_added]``: ``(n_spots, dim)`` float32 embeddings;
     - ``uns[key_added]["params"]``: backbone, weights, tile size, µm/px, licence, dim, time.
     """
+    from .._validate import check_finite_output, check_number
+
+    check_number("tile_size", tile_size, minimum=1, integer=True, none_ok=True)
+    check_number("mpp", mpp, minimum=0, exclusive=True, none_ok=True)
+    check_number("batch_size", batch_size, minimum=1, integer=True)
     slides = as_slide_list(data)
     if copy:
         slides = [copy_data(s) for s in slides]
@@ -189,15 +194,20 @@ def embed(
             continue
         tile_plan(s, adata, tile_size=size, mpp=res, image_key=image_key)  # validate before any compute
         todo.append(s)
-    for s in todo:
+    results = []  # all slides are embedded before any is written: an error leaves every slide unchanged
+    for i, s in enumerate(todo):
         t0 = time.perf_counter()
         emb = embed_slide(s, bb, tile_size=size, mpp=res, batch_size=batch_size, table_key=table_key,
                           image_key=image_key, progress=progress, amp=amp)
+        check_finite_output(emb, what=f"embed: backbone {bb.name!r} on slide {i} of {len(todo)}",
+                            hint="Check the backbone's weights and the tiles (blank or corrupt image?).")
+        results.append((s, emb, time.perf_counter() - t0))
+    for s, emb, dt in results:
         adata = get_table(s, table_key)
         adata.obsm[key] = emb
         adata.uns[key] = {"params": embedding_params(bb, weights=weights, tile_size=size, mpp=res, dim=emb.shape[1],
-                                                     seconds=round(time.perf_counter() - t0, 3))}
-        logger.info("embed: %d spots with %s in %.1f s", adata.n_obs, bb.name, time.perf_counter() - t0)
+                                                     seconds=round(dt, 3))}
+        logger.info("embed: %d spots with %s in %.1f s", adata.n_obs, bb.name, dt)
     if copy:
         return slides if isinstance(data, list) else slides[0]
     return None

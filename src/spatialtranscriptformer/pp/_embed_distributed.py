@@ -110,6 +110,11 @@ def embed_distributed(
     import torch
     from torch.utils.data import DataLoader
 
+    from .._validate import check_number
+
+    check_number("tile_size", tile_size, minimum=1, integer=True, none_ok=True)
+    check_number("mpp", mpp, minimum=0, exclusive=True, none_ok=True)
+    check_number("batch_size", batch_size, minimum=1, integer=True)
     slides = as_slide_list(data)
     bb = get_backbone(backbone, weights=weights, device="cpu")
     if not bb.spec.is_torch:
@@ -142,9 +147,11 @@ def embed_distributed(
         def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
             rows = [(int(si), pos.numpy(), f.numpy()) for si, pos, f in predictions]
             folder().mkdir(parents=True, exist_ok=True)
-            np.savez(folder() / f"rank{trainer.global_rank}.npz",
-                     si=np.concatenate([np.full(len(p), s) for s, p, _ in rows]),
-                     pos=np.concatenate([p for _, p, _ in rows]), feats=np.concatenate([f for _, _, f in rows]))
+            from .._atomic import atomic_output
+
+            with atomic_output(folder() / f"rank{trainer.global_rank}.npz") as tmp:  # whole or absent
+                np.savez(tmp, si=np.concatenate([np.full(len(p), s) for s, p, _ in rows]),
+                         pos=np.concatenate([p for _, p, _ in rows]), feats=np.concatenate([f for _, _, f in rows]))
 
     trainer = lp.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                          precision=precision, logger=False, enable_checkpointing=False,

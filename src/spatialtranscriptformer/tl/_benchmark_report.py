@@ -66,9 +66,12 @@ def write_report(table: pd.DataFrame, long: pd.DataFrame, out_dir: Path) -> None
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    from .._atomic import atomic_output, atomic_write_text
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    long.to_csv(out_dir / CSV_NAME, index=False)
-    (out_dir / MD_NAME).write_text(summary_markdown(table), encoding="utf-8")
+    with atomic_output(out_dir / CSV_NAME) as tmp:  # each file whole or as before, never half-written
+        long.to_csv(tmp, index=False)
+    atomic_write_text(out_dir / MD_NAME, summary_markdown(table))
     data = per_gene_pcc(long)
     fig, ax = plt.subplots(figsize=(1.6 * max(len(data), 2) + 1, 4))
     labels = list(data)
@@ -82,6 +85,9 @@ def write_report(table: pd.DataFrame, long: pd.DataFrame, out_dir: Path) -> None
     ax.set_ylabel("Pearson r per gene")
     ax.set_title("Per-gene PCC on held-out folds")
     fig.tight_layout()
-    fig.savefig(out_dir / PNG_NAME, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_output(out_dir / PNG_NAME) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     logger.info("Benchmark report written to %s (%s, %s, %s).", out_dir, CSV_NAME, MD_NAME, PNG_NAME)

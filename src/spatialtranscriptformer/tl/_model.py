@@ -215,44 +215,55 @@ class TrainedModel:
 
     # --- persistence ----------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Write the model to folder ``path`` (``config.json``, weights, arrays, ``history.csv``)."""
-        path = Path(path)
-        if path.exists() and any(path.iterdir()) and not overwrite:
-            raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace the model.")
-        path.mkdir(parents=True, exist_ok=True)
-        if self.model_name == "ridge":
-            np.savez(path / _RIDGE, **self.module.to_arrays())
-        else:
-            import torch
+        """Write the model to folder ``path`` (``config.json``, weights, arrays, ``history.csv``).
 
-            torch.save({k: v.detach().cpu() for k, v in self.module.state_dict().items()}, path / _WEIGHTS)
-        if self.model_arrays:
-            np.savez(path / _ARRAYS, **self.model_arrays)
-        self.history.to_csv(path / _HISTORY, index=False)
-        (path / _CONFIG).write_text(json.dumps(self.config, indent=1))
+        The folder is written whole into a temporary sibling and moved into place only when complete
+        (:mod:`~spatialtranscriptformer._atomic`): an interrupted save leaves the previous model as it
+        was, never one model's configuration beside another's weights. ``overwrite`` replaces only an
+        empty folder or a saved model; a concurrent save to the same folder is refused.
+        """
+        from .._atomic import atomic_output, saved_model_check
+
+        text = json.dumps(self.config, indent=1)  # fails here, before anything is written
+        with atomic_output(path, kind="dir", overwrite=overwrite, replaceable=saved_model_check) as tmp:
+            if self.model_name == "ridge":
+                np.savez(tmp / _RIDGE, **self.module.to_arrays())
+            else:
+                import torch
+
+                torch.save({k: v.detach().cpu() for k, v in self.module.state_dict().items()}, tmp / _WEIGHTS)
+            if self.model_arrays:
+                np.savez(tmp / _ARRAYS, **self.model_arrays)
+            self.history.to_csv(tmp / _HISTORY, index=False)
+            (tmp / _CONFIG).write_text(text)
         logger.info("Saved %r to %s.", self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TrainedModel:
         """Read a model written by :meth:`save`; the weights must match the configuration exactly."""
+        from .._validate import check_config_types, read_json, reading
+
         path = Path(path)
         cfg_path = path / _CONFIG
         if not cfg_path.is_file():
             raise FileNotFoundError(f"No saved model in {path} ({_CONFIG} not found).")
-        cfg = json.loads(cfg_path.read_text())
+        cfg = read_json(cfg_path, "model configuration")
         if cfg.get("format") != FORMAT:
             raise ValueError(f"{cfg_path} is not a spatialtranscriptformer model (format={cfg.get('format')!r}).")
-        if int(cfg.get("version", -1)) > FORMAT_VERSION:
-            raise ValueError(f"{cfg_path} has format version {cfg['version']}; this version reads <= {FORMAT_VERSION}.")
+        if not isinstance(cfg.get("version"), int) or cfg["version"] > FORMAT_VERSION:
+            raise ValueError(f"{cfg_path} has format version {cfg.get('version')!r}; this version reads <= {FORMAT_VERSION}.")
         missing = [k for k in ("model", "genes", "embedding_key", "input_dim", "level", "loss", "log_transform") if k not in cfg]
         if missing:
             raise ValueError(f"{cfg_path} lacks {missing}.")
+        check_config_types(cfg, {"model": str, "genes": list, "pathways": list, "embedding_key": str, "input_dim": int,
+                                 "level": str, "loss": str, "log_transform": bool, "model_kwargs": dict,
+                                 "model_arrays": list, "fit": dict, "best_epoch": int}, path=cfg_path)
         genes = cfg["genes"]
-        if not genes or len(set(genes)) != len(genes):
+        if not genes or len(set(map(str, genes))) != len(genes):
             raise ValueError(f"{cfg_path}: the gene list is empty or has duplicates.")
         arrays = {}
         if cfg.get("model_arrays"):
-            with np.load(path / _ARRAYS, allow_pickle=False) as z:
+            with reading(path / _ARRAYS, "model arrays"), np.load(path / _ARRAYS, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
             lost = sorted(set(cfg["model_arrays"]) - set(arrays))
             if lost:
@@ -260,7 +271,7 @@ class TrainedModel:
         if cfg["model"] == "ridge":
             from ..module._ridge import RidgeProbe
 
-            with np.load(path / _RIDGE, allow_pickle=False) as z:
+            with reading(path / _RIDGE, "ridge arrays"), np.load(path / _RIDGE, allow_pickle=False) as z:
                 module = RidgeProbe.from_arrays({k: z[k] for k in z.files})
             if module.n_targets != len(genes) or module.n_features_in != int(cfg["input_dim"]):
                 raise ValueError(f"{path}: the ridge arrays do not match {len(genes)} genes / input_dim {cfg['input_dim']}.")
@@ -274,19 +285,23 @@ class TrainedModel:
                     cfg["model"], cfg["input_dim"], len(genes), level=cfg["level"], loss=cfg["loss"],
                     **cfg.get("model_kwargs", {}), **arrays,
                 )
-            except (ValueError, TypeError) as err:
+            except (ValueError, TypeError, KeyError) as err:
                 raise ValueError(f"{cfg_path}: the saved configuration does not match its arrays: {err}") from None
             wpath = path / _WEIGHTS
             if not wpath.is_file():
                 raise FileNotFoundError(f"Weights not found: {wpath}.")
-            state = torch.load(wpath, map_location="cpu", weights_only=True)
+            with reading(wpath, "weights file"):
+                state = torch.load(wpath, map_location="cpu", weights_only=True)
             try:
                 module.load_state_dict(state, strict=True)
-            except RuntimeError as err:
+            except (RuntimeError, TypeError, AttributeError) as err:
                 raise ValueError(f"{wpath} does not match the model configured in {cfg_path}: {err}") from None
             module.eval()
         hist_path = path / _HISTORY
-        history = pd.read_csv(hist_path) if hist_path.is_file() else None
+        history = None
+        if hist_path.is_file():
+            with reading(hist_path, "training history"):
+                history = pd.read_csv(hist_path)
         return cls(
             module, model_name=cfg["model"], genes=genes, embedding_key=cfg["embedding_key"], input_dim=cfg["input_dim"],
             level=cfg["level"], loss=cfg["loss"], log_transform=cfg["log_transform"], pathways=cfg.get("pathways"),

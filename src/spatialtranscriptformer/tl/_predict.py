@@ -14,6 +14,7 @@ from .. import _constants as K
 from .._data import as_slide_list, copy_data, get_table, is_spatialdata
 from .._docs import doc_copy, doc_params, doc_progress, doc_slides, doc_table_key
 from .._logging import logger
+from .._validate import check_finite_output, check_table
 from ._model import TrainedModel
 
 if TYPE_CHECKING:
@@ -141,11 +142,10 @@ def predict(
     if isinstance(model, str | os.PathLike) and _saved_superres(model):
         model = SuperResModel.load(model)
     if isinstance(model, SuperResModel):  # 2 µm super-resolution: a multiscale image element per slide
-        from ._superres_predict import predict_superres
+        from ._superres_predict import predict_superres_slides
 
-        for d in as_slide_list(data):
-            predict_superres(d, model, key_added=K.SUPERRES_KEY if key_added == K.PRED_KEY else key_added,
-                             table_key=table_key, progress=progress)
+        predict_superres_slides(as_slide_list(data), model, table_key=table_key, progress=progress,
+                                key_added=K.SUPERRES_KEY if key_added == K.PRED_KEY else key_added)
         return None
     model = _as_model(model)
     single = not isinstance(data, Sequence)
@@ -154,6 +154,7 @@ def predict(
         slides = [copy_data(s) for s in slides]
     tables = [get_table(s, table_key) for s in slides]
     for i, t in enumerate(tables):
+        check_table(t, element=f"Slide {i}")
         _check_table(t, model, i)
     work = []
     for i, t in enumerate(tables):
@@ -165,6 +166,12 @@ def predict(
     for i, r, x, coords in tqdm(work, desc="predict", disable=not show or len(work) < 2):
         preds[i].append((r, model.predict_arrays(x, coords, window_spots=window_spots, device=device)))
 
+    for i, lst in preds.items():  # nothing is written unless every prediction is finite
+        for r, p in lst:
+            for part in ("expr", "pathway_scores"):
+                if p[part] is not None:
+                    check_finite_output(p[part], what=f"predict: {part} of slide {r.slide_id!r} (table {i})",
+                                        hint="The model's weights may be corrupt (NaN/inf); retrain or reload it.")
     params = {
         "model": model.model_name, "embedding_key": model.embedding_key, "n_genes": len(model.genes),
         "window_spots": window_spots, "level": model.level, "loss": model.loss, "target_space": model.target_space,

@@ -135,18 +135,20 @@ def save_superres(model: SuperResModel, path: str | os.PathLike, *, overwrite: b
         "best_epoch": model.best_epoch,
     }
     text = json.dumps(cfg, indent=1, default=_jsonable)  # fails here, before anything is written
-    path.mkdir(parents=True, exist_ok=True)
-    for f in (_WEIGHTS, _BACKBONE, _ARRAYS, _HISTORY):  # leftovers of a model saved here before
-        (path / f).unlink(missing_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in model.decoder.state_dict().items()}, path / _WEIGHTS)
-    if cfg["backbone"]["state_file"]:
-        state = model.backbone.model.state_dict()
-        torch.save({k: v.detach().cpu() for k, v in state.items()}, path / _BACKBONE)
-    if cfg["arrays"]:
-        np.savez(path / _ARRAYS, zstats=zstats)
-    if model.history is not None:
-        pd.DataFrame(model.history).to_csv(path / _HISTORY, index=False)
-    (path / _CONFIG).write_text(text)
+    from .._atomic import atomic_output, saved_model_check
+
+    # the whole folder is written aside and moved into place when complete: never a config beside
+    # another model's weights, never stale files of a model saved here before
+    with atomic_output(path, kind="dir", overwrite=overwrite, replaceable=saved_model_check) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in model.decoder.state_dict().items()}, tmp / _WEIGHTS)
+        if cfg["backbone"]["state_file"]:
+            state = model.backbone.model.state_dict()
+            torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp / _BACKBONE)
+        if cfg["arrays"]:
+            np.savez(tmp / _ARRAYS, zstats=zstats)
+        if model.history is not None:
+            pd.DataFrame(model.history).to_csv(tmp / _HISTORY, index=False)
+        (tmp / _CONFIG).write_text(text)
     logger.info("Saved %r to %s.", model, path)
 
 
@@ -164,6 +166,56 @@ def _wrap(spec, module):
     return Backbone(spec, module, device=dev)
 
 
+_TIMM_FORBIDDEN = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir")
+"""``timm.create_model`` arguments that would read weights or configurations from elsewhere (or the network)."""
+
+
+def _safe_backbone_config(path: Path, bcfg: Any) -> Path | None:
+    """Refuse a backbone description that would read outside the model folder or reach the network.
+
+    Returns the backbone state file (inside ``path``) or ``None``.
+    """
+    cfg_path = path / _CONFIG
+    if not isinstance(bcfg, dict) or not isinstance(bcfg.get("name"), str):
+        raise ValueError(f"{cfg_path}: 'backbone' must be an object with a 'name'.")
+    arch = bcfg.get("arch")
+    if arch is not None and (not isinstance(arch, str) or ":" in arch or "/" in arch or "\\" in arch):
+        raise ValueError(
+            f"{cfg_path}: backbone arch {arch!r} refers to a hub or a location (e.g. 'hf-hub:'); loading a model "
+            "never reaches the network or reads outside its folder. Pass the architecture with `backbone=`."
+        )
+    kw = bcfg.get("timm_kwargs")
+    if kw is not None:
+        if not isinstance(kw, dict):
+            raise ValueError(f"{cfg_path}: backbone timm_kwargs must be an object, got {type(kw).__name__}.")
+        bad = sorted(set(kw) & set(_TIMM_FORBIDDEN))
+        if bad:
+            raise ValueError(
+                f"{cfg_path}: backbone timm_kwargs {bad} would load weights or configurations from elsewhere; "
+                "refused (the weights of a saved model are in its folder)."
+            )
+    state_file = bcfg.get("state_file")
+    if state_file is None:
+        return None
+    if not isinstance(state_file, str) or not state_file or Path(state_file).name != state_file:
+        raise ValueError(
+            f"{cfg_path}: backbone state_file {state_file!r} must be a file name inside the model folder {path}."
+        )
+    state_path = path / state_file
+    if path.resolve() not in state_path.resolve().parents:  # a symbolic link out of the folder
+        raise ValueError(f"{cfg_path}: backbone state_file {state_file!r} resolves outside the model folder {path}.")
+    return state_path
+
+
+def _torch_load(p: Path):
+    import torch
+
+    from .._validate import reading
+
+    with reading(p, "weights file"):
+        return torch.load(p, map_location="cpu", weights_only=True)
+
+
 def _load_backbone(path: Path, bcfg: dict, backbone, backbone_weights):
     """The frozen backbone of a saved model: rebuilt, or the user's ``backbone`` (given saved weights)."""
     import torch
@@ -171,7 +223,7 @@ def _load_backbone(path: Path, bcfg: dict, backbone, backbone_weights):
     from ..pp._backbones import Backbone, get_backbone, load_state_dict_strict
     from ..pp._registry import BackboneSpec, get_spec
 
-    state_path = path / bcfg["state_file"] if bcfg.get("state_file") else None
+    state_path = _safe_backbone_config(path, bcfg)
     if state_path is not None and not state_path.is_file():
         raise FileNotFoundError(f"Backbone weights not found: {state_path}.")
     hint = "pass the backbone architecture with `backbone=` (a torch.nn.Module or a Backbone)"
@@ -212,7 +264,7 @@ def _load_backbone(path: Path, bcfg: dict, backbone, backbone_weights):
         else:
             raise ValueError(f"Backbone {bcfg['name']!r} of the saved model cannot be rebuilt from {path / _CONFIG}; {hint}.")
     if state_path is not None:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = _torch_load(state_path)
         try:
             load_state_dict_strict(module, state, name=bcfg["name"], source=str(state_path))
         except ValueError as err:
@@ -224,8 +276,6 @@ def load_superres(
     path: str | os.PathLike, *, backbone=None, backbone_weights: str | os.PathLike | None = None
 ) -> SuperResModel:
     """Read a model written by :func:`save_superres`; every state dict must fit the configuration exactly."""
-    import torch
-
     from ..module._superres import SuperResDecoder
     from ..train._superres_plan import SuperResPlan
     from ._superres import SuperResModel
@@ -236,18 +286,20 @@ def load_superres(
         raise FileNotFoundError(f"No saved super-resolution model at {path} (folder not found).")
     if not cfg_path.is_file():
         raise FileNotFoundError(f"No saved super-resolution model in {path} ({_CONFIG} not found).")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{cfg_path} is not valid JSON: {err}.") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-        fmt = cfg.get("format") if isinstance(cfg, dict) else None
+    from .._validate import check_config_types, read_json, reading
+
+    cfg = read_json(cfg_path, "model configuration")
+    if cfg.get("format") != FORMAT:
+        fmt = cfg.get("format")
         raise ValueError(f"{cfg_path} is not a saved SuperResModel (format={fmt!r}, expected {FORMAT!r}).")
     if not isinstance(cfg.get("version"), int) or cfg["version"] > FORMAT_VERSION:
         raise ValueError(f"{cfg_path} has format version {cfg.get('version')!r}; this version reads <= {FORMAT_VERSION}.")
     missing = [k for k in ("genes", "patch_um", "loss", "scales", "gradnorm", "decoder", "backbone") if k not in cfg]
     if missing:
         raise ValueError(f"{cfg_path} lacks {missing}.")
+    check_config_types(cfg, {"genes": list, "patch_um": int, "loss": str, "scales": list, "gradnorm": bool,
+                             "decoder": dict, "backbone": dict, "plan": dict, "params": dict}, path=cfg_path)
+    _safe_backbone_config(path, cfg["backbone"])  # before anything is built: no network, nothing outside
     genes, dcfg = [str(g) for g in cfg["genes"]], dict(cfg["decoder"])
     if not genes or len(set(genes)) != len(genes):
         raise ValueError(f"{cfg_path}: the gene list is empty or has duplicates.")
@@ -263,7 +315,7 @@ def load_superres(
         apath = path / _ARRAYS
         if not apath.is_file():
             raise FileNotFoundError(f"z-score statistics of the loss='mse' model not found: {apath}.")
-        with np.load(apath, allow_pickle=False) as z:
+        with reading(apath, "arrays file"), np.load(apath, allow_pickle=False) as z:
             if "zstats" not in z.files:
                 raise ValueError(f"{apath} lacks the array 'zstats'.")
             zstats = z["zstats"]
@@ -276,7 +328,7 @@ def load_superres(
                             zstats=zstats, **cfg.get("plan", {}))
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{cfg_path}: invalid decoder/plan configuration: {err}") from None
-    state = torch.load(wpath, map_location="cpu", weights_only=True)
+    state = _torch_load(wpath)
     try:
         decoder.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -288,7 +340,10 @@ def load_superres(
         if dim != in_dim:
             raise ValueError(f"backbone {bb.name!r} gives {dim}-d tokens; the saved decoder reads {in_dim}-d tokens.")
     hist_path = path / _HISTORY
-    history = pd.read_csv(hist_path) if hist_path.is_file() else None
+    history = None
+    if hist_path.is_file():
+        with reading(hist_path, "training history"):
+            history = pd.read_csv(hist_path)
     model = SuperResModel(plan.eval(), bb, genes=genes, patch_um=int(cfg["patch_um"]), params=cfg.get("params") or {},
                           history=history, best_epoch=cfg.get("best_epoch"))
     logger.info("Loaded %r from %s.", model, path)
