@@ -5,6 +5,36 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
+
+
+def _positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer >= 1 (the error names the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _out_folder(text: str) -> str:
+    """An ``argparse`` type: an output folder (absent, or an existing folder; not a file)."""
+    p = Path(text)
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a folder")
+    return text
+
+
+def _model_names(models: list[str]) -> list[str]:
+    from .module._registry import available_models
+
+    known = ["ridge", *available_models()]
+    bad = [m for m in models if m not in known]
+    if bad:
+        raise SystemExit(f"stf benchmark: error: argument --models: unknown model(s) {bad}; choose from {known}")
+    return models
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -22,6 +52,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _benchmark(args: argparse.Namespace) -> int:
     from ._benchmark_cli import run_benchmark
 
+    _model_names(args.models)
     table = run_benchmark(dataset=args.dataset, backbone=args.backbone, weights=args.weights, models=args.models,
                           genes=args.genes, groups=args.groups, out=args.out, data_dir=args.data_dir,
                           max_epochs=args.epochs, seed=args.seed)
@@ -37,27 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="tile, embed, fit and map the bundled her2st section")
-    d.add_argument("--out", default="stf_demo_out", help="output folder (default: stf_demo_out)")
+    d.add_argument("--out", default="stf_demo_out", type=_out_folder, help="output folder (default: stf_demo_out)")
     d.add_argument("--backbone", default="handcrafted", help="backbone name (default: handcrafted, no weights)")
     d.add_argument("--weights", default=None, help="backbone weight file (for backbones that need weights)")
     d.add_argument("--model", default="stf", help="model to fit (default: stf)")
-    d.add_argument("--genes", type=int, default=50, help="number of most variable genes (default: 50)")
-    d.add_argument("--epochs", type=int, default=60, help="training epochs (default: 60)")
+    d.add_argument("--genes", type=_positive_int, default=50, help="number of most variable genes (default: 50)")
+    d.add_argument("--epochs", type=_positive_int, default=60, help="training epochs (default: 60)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_demo)
 
     b = sub.add_parser("benchmark", help="cross-validate STF and the baselines on the same folds")
-    b.add_argument("--dataset", default="her2st", help="her2st (bundled + local sections) or synthetic")
+    b.add_argument("--dataset", default="her2st", choices=["her2st", "synthetic"],
+                   help="her2st (bundled + local sections) or synthetic")
     b.add_argument("--data-dir", default=None, help="folder with her2st sections (default: settings.data_dir)")
     b.add_argument("--backbone", default="handcrafted")
     b.add_argument("--weights", default=None)
     b.add_argument("--models", nargs="+", default=["stf", "ridge", "he2rna", "attention_mil", "transmil"])
-    b.add_argument("--genes", type=int, default=50)
+    b.add_argument("--genes", type=_positive_int, default=50)
     b.add_argument("--groups", default="slide", choices=["patient", "slide"])
-    b.add_argument("--epochs", type=int, default=60)
+    b.add_argument("--epochs", type=_positive_int, default=60)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--out", default="stf_benchmark_out")
+    b.add_argument("--out", default="stf_benchmark_out", type=_out_folder)
     b.set_defaults(func=_benchmark)
     return p
 

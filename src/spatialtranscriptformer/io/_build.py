@@ -209,8 +209,12 @@ def build_slide(
     levels, lazy = (None, False) if image is None else _image_levels(image)
     if levels is not None and len(levels) > 1 and scale_factors is not None:
         raise ValueError("Pass either pyramid levels (a list of images) or scale_factors=, not both.")
+    if adata.n_obs == 0:
+        raise ValueError(f"slide {slide_id!r}: no spots (the expression table has 0 rows).")
     if validate:
-        validate_counts(adata.X, element=f"slide {slide_id!r} counts")
+        from .._validate import check_counts
+
+        check_counts(adata.X, element=f"slide {slide_id!r} counts", hint="The readers expect raw counts in X.")
         validate_spots(
             coords,
             image_shape=None if levels is None else tuple(levels[0].shape[1:]),
@@ -233,6 +237,10 @@ def build_slide(
         shapes = ShapesModel.parse(gpd.GeoDataFrame(geometry=geoms, index=ids), transformations=tf)
 
     table = adata.copy()
+    if table.var_names.has_duplicates:
+        from .._validate import unique_gene_names
+
+        unique_gene_names(table, source=f"slide {slide_id!r}")
     table.uns.pop("spatialdata_attrs", None)  # a table taken from another SpatialData gets new annotations
     table.obs_names = ids
     table.obs[K.SLIDE_KEY] = pd.Categorical([str(slide_id)] * table.n_obs)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._logging import logger
+from .._validate import check_spot_extent, grid_mpp, header_duplicates, reading, warn_duplicate_genes
 from ._build import build_slide
 
 if TYPE_CHECKING:
@@ -29,17 +30,15 @@ def _find_one(folder: Path, patterns: list[str], what: str) -> Path:
     raise FileNotFoundError(f"No {what} found in {folder} (looked for {', '.join(patterns)}).")
 
 
-def estimate_mpp_from_grid(array_xy: np.ndarray, pixel_xy: np.ndarray, *, pitch_um: float = ST_PITCH_UM) -> float:
-    """Microns per pixel from a least-squares fit of pixel vs array coordinates of a spot grid."""
-    scales = []
-    for d in range(2):
-        a = np.c_[array_xy[:, d], np.ones(len(array_xy))]
-        coef, *_ = np.linalg.lstsq(a, pixel_xy[:, d], rcond=None)
-        scales.append(abs(coef[0]))
-    px_per_step = float(np.mean(scales))
-    if not np.isfinite(px_per_step) or px_per_step <= 0:
-        raise ValueError("Cannot estimate microns per pixel from the spot grid (degenerate coordinates).")
-    return pitch_um / px_per_step
+def estimate_mpp_from_grid(
+    array_xy: np.ndarray, pixel_xy: np.ndarray, *, pitch_um: float = ST_PITCH_UM, source: str = "spot grid"
+) -> float:
+    """Microns per pixel from a least-squares fit of pixel vs array coordinates of a spot grid.
+
+    The fit's residual and the result's plausibility are checked
+    (:func:`spatialtranscriptformer._validate.grid_mpp`).
+    """
+    return grid_mpp(array_xy, pixel_xy, pitch_um=pitch_um, source=source)
 
 
 def read_her2st(
@@ -88,13 +87,19 @@ def read_her2st(
     section = section or counts_path.name.split(".")[0]
     sel_path = _find_one(folder, [f"{section}_selection.tsv", "*_selection.tsv"], "spot selection file (S_selection.tsv)")
 
-    counts = pd.read_csv(counts_path, sep="\t", index_col=0)
+    with reading(counts_path, "counts table"):
+        counts = pd.read_csv(counts_path, sep="\t", index_col=0)
+    if counts.shape[0] == 0:
+        raise ValueError(f"{counts_path}: no spots (the counts table has no rows).")
+    warn_duplicate_genes(header_duplicates(counts_path), source=str(counts_path),
+                         how="pandas kept the repeats as 'NAME.1', 'NAME.2', ...")
     if counts.index.has_duplicates:
         raise ValueError(f"{counts_path.name}: duplicate spot ids {counts.index[counts.index.duplicated()][:5].tolist()}.")
     non_numeric = [c for c, t in counts.dtypes.items() if not np.issubdtype(t, np.number)]
     if non_numeric:
         raise ValueError(f"{counts_path.name}: non-numeric counts in genes {non_numeric[:5]}.")
-    sel = pd.read_csv(sel_path, sep="\t")
+    with reading(sel_path, "spot selection table"):
+        sel = pd.read_csv(sel_path, sep="\t")
     missing_cols = {"x", "y", "pixel_x", "pixel_y"} - set(sel.columns)
     if missing_cols:
         raise ValueError(f"{sel_path.name}: missing columns {sorted(missing_cols)}.")
@@ -110,7 +115,7 @@ def read_her2st(
     pixel_xy = sel[["pixel_x", "pixel_y"]].to_numpy(float)
     if mpp is None:
         arr_cols = ["new_x", "new_y"] if {"new_x", "new_y"} <= set(sel.columns) else ["x", "y"]
-        mpp = estimate_mpp_from_grid(sel[arr_cols].to_numpy(float), pixel_xy)
+        mpp = estimate_mpp_from_grid(sel[arr_cols].to_numpy(float), pixel_xy, source=str(sel_path))
 
     image = None
     if load_image:
@@ -118,8 +123,9 @@ def read_her2st(
 
         Image.MAX_IMAGE_PIXELS = None
         img_path = _find_one(folder, ["*.jpg", "*.jpeg", "*.png", "*.tif", "*.tiff"], "H&E image (*.jpg)")
-        with Image.open(img_path) as im:
+        with reading(img_path, "H&E image"), Image.open(img_path) as im:
             image = np.asarray(im.convert("RGB"))
+        check_spot_extent(pixel_xy, image.shape[:2], mpp=mpp, source=f"her2st section {section!r} ({img_path.name})")
 
     X = sp.csr_matrix(counts.to_numpy())
     adata = ad.AnnData(X=X, obs=pd.DataFrame(index=counts.index.astype(str)), var=pd.DataFrame(index=counts.columns.astype(str)))

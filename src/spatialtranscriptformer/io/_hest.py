@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._logging import logger
+from .._validate import reading
 from ._build import build_slide
 from ._visium import VISIUM_SPOT_DIAMETER_UM, check_mpp, open_image_file
 
@@ -54,13 +55,15 @@ def _read_metadata(root: Path, sample_id: str, metadata: str | os.PathLike | Non
         if not p.is_file():
             continue
         if p.suffix.lower() == ".json":
-            meta = json.loads(p.read_text())
+            with reading(p, "HEST metadata"):
+                meta = json.loads(p.read_text())
             if isinstance(meta, list):
                 meta = next((m for m in meta if str(m.get("id")) == sample_id), None)
             if meta is not None:
                 return dict(meta), str(p)
             continue
-        df = pd.read_csv(p)
+        with reading(p, "HEST metadata"):
+            df = pd.read_csv(p)
         if "id" not in df.columns:
             if metadata is not None:
                 raise ValueError(f"{p}: HEST metadata csv has no 'id' column.")
@@ -167,7 +170,8 @@ def read_hest(
 
     import anndata as ad
 
-    adata = ad.read_h5ad(h5ad)
+    with reading(h5ad, "HEST expression file"):
+        adata = ad.read_h5ad(h5ad)
     if "spatial" not in adata.obsm:
         raise KeyError(f"{h5ad}: no obsm['spatial'] spot coordinates.")
     coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]

@@ -139,8 +139,11 @@ def tiff_levels(path: str | os.PathLike, *, level: int = 0, chunks: int = 1024) 
     import tifffile
     from dask.base import tokenize
 
+    from .._validate import check_tiff_complete, reading
+
     path = Path(path)
-    with tifffile.TiffFile(path) as tf:
+    with reading(path, "TIFF image"), tifffile.TiffFile(path) as tf:
+        check_tiff_complete(tf, path)  # a truncated file fails here, not later when tiles are read
         series = tf.series[0]
         n_levels = len(series.levels)
         axes = series.axes

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from .._logging import logger
+from .._validate import read_json, reading
 from ._build import build_slide
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def read_image_file(path: str | os.PathLike, *, level: int = 0) -> tuple[np.ndar
     if path.suffix.lower() in (".tif", ".tiff", ".btf"):
         import tifffile
 
-        with tifffile.TiffFile(path) as tf:
+        with reading(path, "image file"), tifffile.TiffFile(path) as tf:
             series = tf.series[0]
             levels = series.levels
             if not 0 <= level < len(levels):
@@ -76,7 +76,7 @@ def read_image_file(path: str | os.PathLike, *, level: int = 0) -> tuple[np.ndar
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = None
-    with Image.open(path) as im:
+    with reading(path, "image file"), Image.open(path) as im:
         return np.asarray(im.convert("RGB") if im.mode not in ("RGB", "L") else im), 1.0
 
 
@@ -241,7 +241,7 @@ def read_visium(
     sf_path = spatial / "scalefactors_json.json"
     if not sf_path.is_file():
         raise FileNotFoundError(f"Visium scalefactors file not found: {sf_path}")
-    scalefactors = json.loads(sf_path.read_text())
+    scalefactors = read_json(sf_path, "scalefactors file")
     required = ("tissue_hires_scalef", "tissue_lowres_scalef", "spot_diameter_fullres")
     missing = [k for k in required if k not in scalefactors]
     if missing:
@@ -266,7 +266,8 @@ def read_visium(
     dataset_id = library or "visium"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Converting `region_key", category=UserWarning)
-        sdata = spatialdata_io.visium(folder, dataset_id=dataset_id, counts_file=counts_path.name)
+        with reading(folder, f"Visium outputs ({counts_path.name}, spatial/) in"):
+            sdata = spatialdata_io.visium(folder, dataset_id=dataset_id, counts_file=counts_path.name)
     t = sdata.tables["table"]
     coords = np.asarray(t.obsm["spatial"], dtype=np.float64)
     nan = ~np.isfinite(coords).all(axis=1)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from .._validate import read_json, reading, unique_gene_names
 from ._build import build_slide
 from ._visium import ImgKey, check_mpp, choose_image, open_image_file, read_image_file
 
@@ -113,7 +114,7 @@ def read_visium_hd(
         if not fullres_path.is_file():
             raise FileNotFoundError(f"Full-resolution image not found: {fullres_path}")
 
-    sf = json.loads(sf_path.read_text())
+    sf = read_json(sf_path, "scalefactors file")
     if "bin_size_um" in sf and not np.isclose(float(sf["bin_size_um"]), bin_size):
         raise ValueError(f"{sf_path}: bin_size_um is {sf['bin_size_um']}, but the folder is for {bin_size} µm bins.")
     if mpp is None:
@@ -130,9 +131,12 @@ def read_visium_hd(
 
     import scanpy as sc
 
-    adata = sc.read_10x_h5(counts_path)
-    adata.var_names_make_unique()
-    pos = pd.read_parquet(pos_path)
+    with reading(counts_path, "counts file"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Variable names are not unique")  # reported below
+        adata = sc.read_10x_h5(counts_path)
+    unique_gene_names(adata, source=str(counts_path))
+    with reading(pos_path, "bin positions file"):
+        pos = pd.read_parquet(pos_path)
     missing_cols = [c for c in _POSITION_COLUMNS if c not in pos.columns]
     if missing_cols:
         raise ValueError(f"{pos_path}: missing columns {missing_cols}.")

@@ -60,8 +60,12 @@ def select_top_genes(
     -------
     Gene names, most variable first.
     """
+    from .._validate import check_counts, check_table
+
     if n_top < 1:
         raise ValueError(f"n_top must be >= 1, got {n_top}.")
+    for i, t in enumerate(tables):
+        check_table(t, element=f"slide {i}")
     common = pd.Index(tables[0].var_names)
     for t in tables[1:]:
         common = common.intersection(t.var_names, sort=False)
@@ -70,13 +74,12 @@ def select_top_genes(
     if len(common) == 0:
         raise ValueError("The slides share no gene names.")
     n, s1, s2 = 0, np.zeros(len(common)), np.zeros(len(common))
-    from ..io._build import validate_counts
-
     for i, t in enumerate(tables):
         x = layer_matrix(t, layer)
         idx = t.var_names.get_indexer(common)
         x = x[:, idx]
-        validate_counts(x, element=f"slide {i} layer {layer!r}" if layer else f"slide {i} X")
+        check_counts(x, element=f"slide {i} layer {layer!r}" if layer else f"slide {i} X",
+                     hint="Pass layer= with the raw counts (e.g. layer='counts').")
         x = x.log1p() if sp.issparse(x) else np.log1p(np.asarray(x, dtype=np.float64))
         n += x.shape[0]
         s1 += _col_sums(x)

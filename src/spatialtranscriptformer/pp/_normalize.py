@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Literal
 from .. import _constants as K
 from .._data import copy_data, get_table
 from .._docs import doc_copy, doc_data, doc_params, doc_table_key
-from ..io._build import validate_counts
 from ._genes import layer_matrix
 from ._pathways import normalized_log1p
 
@@ -51,11 +50,18 @@ def normalize(
     """
     if method not in ("log1p", "cp10k_log1p"):
         raise ValueError(f"method must be 'log1p' or 'cp10k_log1p', got {method!r}.")
-    if copy:
-        data = copy_data(data)
+    from .._validate import check_counts, check_number
+
+    if method == "cp10k_log1p":
+        check_number("target_sum", target_sum, minimum=0, exclusive=True)
     adata = get_table(data, table_key)
     raw = layer_matrix(adata, layer)
-    validate_counts(raw, element=f"layer {layer!r}" if layer else "X")
+    check_counts(raw, element=f"normalize: layer {layer!r}" if layer else "normalize: X",
+                 hint="Pass layer= with the raw counts (e.g. layer='counts').")
+    if copy:
+        data = copy_data(data)
+        adata = get_table(data, table_key)
+        raw = layer_matrix(adata, layer)
     if K.COUNTS_LAYER not in adata.layers:
         adata.layers[K.COUNTS_LAYER] = raw.copy()
     out = normalized_log1p(raw, target_sum=target_sum if method == "cp10k_log1p" else None).astype("float32")

@@ -123,9 +123,13 @@ def pathway_activity(
 
     With ``inplace=False`` the DataFrame is returned instead.
     """
+    from .._validate import check_counts, check_number, check_table
+
+    check_number("target_sum", target_sum, minimum=0, exclusive=True, none_ok=True)
     if copy:
         data = copy_data(data)
     adata = get_table(data, table_key)
+    check_table(adata, element="pathway_activity")
     sets = load_gene_sets(gene_sets)
     genes = pd.Index(adata.var_names.astype(str))
     all_members = {g for v in sets.values() for g in v}
@@ -147,6 +151,8 @@ def pathway_activity(
         logger.info("pathway_activity: dropped %d gene sets with < %d genes", int((~keep).sum()), min_genes)
     m = m.loc[matched, keep]
     x = layer_matrix(adata, layer)
+    check_counts(x, element=f"pathway_activity: layer {layer!r}" if layer else "pathway_activity: X",
+                 hint="Pass layer= with the raw counts (e.g. layer='counts').")
     expr = normalized_log1p(x, target_sum=target_sum)[:, np.asarray(matched)]
     if not np.isfinite(expr).all():
         raise ValueError("Expression contains NaN/inf values.")

@@ -197,6 +197,9 @@ def iter_tiles(
     if pad_mode not in ("reflect", "constant"):
         raise ValueError(f"pad_mode must be 'reflect' or 'constant', got {pad_mode!r}.")
     adata = get_table(data, table_key)
+    from .._validate import check_number
+
+    check_number("batch_size", batch_size, minimum=1, integer=True)
     level, centers, scale = tile_plan(data, adata, tile_size=tile_size, mpp=mpp, image_key=image_key)
     for idx, tiles in extract_tiles(level, centers, size=tile_size, scale=scale, pad_mode=pad_mode, cval=cval):
         for s in range(0, len(idx), batch_size):  # no copies: views of each block's tiles

@@ -13,6 +13,7 @@ from .. import _constants as K
 from .._docs import doc_params, doc_progress, doc_slides, doc_table_key
 from .._logging import logger
 from ._model import TrainedModel
+from ._resume import check_resume, run_settings
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -242,6 +243,13 @@ def fit(
     if monitor not in ("val_loss", "val_pcc"):
         raise ValueError(f"monitor must be 'val_loss' or 'val_pcc', got {monitor!r}.")
 
+    from .._validate import check_fit_params, check_tables
+
+    check_fit_params(lr=lr, weight_decay=weight_decay, pcc_weight=pcc_weight, pathway_loss_weight=pathway_loss_weight,
+                     warmup_epochs=warmup_epochs, min_counts=min_counts, max_spots=max_spots, seed=seed,
+                     early_stopping_patience=early_stopping_patience, gradient_clip_val=gradient_clip_val,
+                     val_fraction=val_fraction)
+    check_tables(data, table_key=table_key, caller="fit")
     refs = collect_slides(data, slide_key=slide_key, patient_key=patient_key, table_key=table_key)
     embedding_key = embedding_key or default_embedding_key(refs)
     input_dim = check_embeddings(refs, embedding_key)
@@ -319,14 +327,9 @@ def fit(
     if pathways is None and model == "stf":
         pathways = [f"pathway_{i}" for i in range(module.num_pathways)]
     meta = {"model": model, "genes": genes, "embedding_key": embedding_key, "input_dim": input_dim, "loss": loss,
-            "level": level}
+            "level": level, "hparams": run_settings(fit_params, hp, arrays)}
     if resume_from is not None:
-        old = read_checkpoint(resume_from).get(META_KEY)
-        if old is None:
-            raise ValueError(f"{resume_from} is not a checkpoint written by stf.tl.fit.")
-        diff = [k for k in meta if old.get(k) != meta[k]]
-        if diff:
-            raise ValueError(f"Cannot resume from {resume_from}: {diff} differ from this run's settings.")
+        check_resume(read_checkpoint(resume_from).get(META_KEY), meta, resume_from)
     res = run_training(
         module, train, val,
         plan_kwargs={"loss": loss, "pcc_weight": pcc_weight, "pathway_loss_weight": pathway_loss_weight, "lr": lr,

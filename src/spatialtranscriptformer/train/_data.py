@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, Sampler
 from .. import _constants as K
 from .._data import as_slide_list, get_table, slide_meta, slide_mpp, spot_coords
 from .._logging import logger
+from .._validate import check_target_counts
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -183,6 +184,7 @@ def build_slide_arrays(
 
     x, coords = slide_features(ref, embedding_key)
     y, tot = counts_block(ref, genes, layer)
+    check_target_counts(y, slide_id=ref.slide_id, layer=layer, loss=loss, log_transform=log_transform)
     if loss in COUNT_LOSSES and not np.allclose(y, np.round(y)):
         raise ValueError(
             f"Slide {ref.slide_id!r}: loss {loss!r} needs raw integer counts but layer {layer or 'X'!r} "
