@@ -112,12 +112,20 @@ def test_interrupted_swap_is_repaired_by_next_writer(tmp_path):
     assert _hidden(tmp_path) == []
 
 
-def test_leftovers_of_live_writers_are_kept_unless_locked(tmp_path):
-    mine = tmp_path / f".m.stf-tmp-{os.getppid()}-0123abcd"  # a running process (our parent)
-    mine.mkdir()
-    assert _atomic.clean_stale(tmp_path / "m") == []
-    assert mine.exists()
-    assert _atomic.clean_stale(tmp_path / "m", locked=True) == [mine]  # under the lock, no writer can be active
+def test_leftovers_kept_while_their_writer_runs_then_cleaned_by_any_writer_in_the_folder(tmp_path):
+    """A default store name is never written twice: its leftovers go once no writer holds its lock."""
+    half = tmp_path / ".store_1234abcd.zarr.stf-tmp-999999-0123abcd.zarr"
+    half.mkdir()
+    (half / "chunk").write_text("x")
+    (tmp_path / ".dead.zarr.stf-lock").write_text("999999")  # the lock file of a killed writer
+    with _atomic.target_lock(tmp_path / "store_1234abcd.zarr"):  # its writer is still running
+        assert _atomic.clean_stale(tmp_path / "store_1234abcd.zarr") == []
+        with atomic_output(tmp_path / "other.zarr", kind="dir"):
+            pass
+        assert half.exists()
+    with atomic_output(tmp_path / "another.zarr", kind="dir"):  # the writer is gone: removed
+        pass
+    assert not half.exists() and _hidden(tmp_path) == []
 
 
 def test_concurrent_writers_in_threads(tmp_path):
@@ -247,9 +255,8 @@ def test_enospc_during_overwrite_keeps_old_model(models, tmp_path, monkeypatch):
 
 
 def test_enospc_during_superres_keeps_old_store_and_slide(tmp_path, monkeypatch):
-    from test_superres_save import manual_model, rebuildable_backbone
-
     from spatialtranscriptformer.tl import _superres_predict
+    from test_superres_save import manual_model, rebuildable_backbone
 
     sd = stf.datasets.synthetic(n_genes=3, n_pathways=2, size_um=200, seed=1)
     model = manual_model(rebuildable_backbone())
@@ -273,6 +280,7 @@ def test_enospc_during_superres_keeps_old_store_and_slide(tmp_path, monkeypatch)
 
 def test_superres_over_slides_all_or_nothing(tmp_path):
     from spatialdata import deepcopy
+
     from test_superres_save import manual_model, rebuildable_backbone
 
     good = stf.datasets.synthetic(n_genes=3, n_pathways=2, size_um=200, seed=1)

@@ -25,7 +25,6 @@ import errno
 import os
 import re
 import shutil
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -81,38 +80,71 @@ def leftovers(target: str | os.PathLike) -> list[Path]:
     return sorted(p for p in target.parent.iterdir() if pat.match(p.name))
 
 
-def clean_stale(target: str | os.PathLike, *, locked: bool = False, max_age_s: float = 24 * 3600) -> list[Path]:
+def clean_stale(target: str | os.PathLike, *, locked: bool = False) -> list[Path]:
     """Remove leftovers of writers of ``target`` that are gone; restore an old output moved aside.
 
-    With ``locked`` (the caller holds the target's lock, so no other writer of it is running) every
-    leftover is stale. Otherwise a leftover is stale when the process that made it (the pid in its
-    name) is no longer running, or when it is older than ``max_age_s`` (a reused pid).
+    A leftover is stale when no writer holds the target's lock (a killed process's lock is released
+    by the operating system): with ``locked`` the caller holds it; otherwise the lock is taken here
+    for the cleaning, and nothing is done while another writer holds it.
 
     Returns
     -------
     The paths removed (or restored).
     """
     target = Path(target)
+    if not locked:
+        if not leftovers(target):
+            return []
+        lock = _Lock(target)
+        try:
+            lock.acquire()
+        except OutputLockedError:
+            return []  # its writer is still running
+        try:
+            return clean_stale(target, locked=True)
+        finally:
+            lock.release()
     done = []
     for p in leftovers(target):
-        m = re.search(rf"\.({_TMP}|{_OLD})-(\d+)-", p.name)
-        pid = int(m.group(2))
-        if not locked and pid != os.getpid():
-            try:
-                age = time.time() - p.lstat().st_mtime
-            except FileNotFoundError:
-                continue
-            if _pid_alive(pid) and age < max_age_s:
-                continue
-        elif not locked:
-            continue  # our own, in use
-        if m.group(1) == _OLD and not os.path.lexists(target):
+        if f".{_OLD}-" in p.name[len(target.name) + 1 :] and not os.path.lexists(target):
             # a writer died between moving the old output aside and moving the new one in: put it back
             os.rename(p, target)
             logger.warning("Restored %s from %s (left by an interrupted write).", target, p.name)
         else:
             _remove(p)
         done.append(p)
+    return done
+
+
+_LOCK_FILE = re.compile(rf"^\.(?P<name>.+)\.{_LOCK}$")
+_ANY = re.compile(rf"^\.(?P<name>.+)\.(?P<tag>{_TMP}|{_OLD})-(?P<pid>\d+)-[0-9a-f]{{8}}")
+
+
+def clean_stale_siblings(folder: str | os.PathLike) -> list[Path]:
+    """:func:`clean_stale` for the leftovers of *any* output in ``folder`` (whose writers are gone).
+
+    Outputs with generated names (e.g. a default zarr store in the cache folder) are never written
+    twice, so a later writer of the same name would never find their leftovers.
+    """
+    folder = Path(folder)
+    try:
+        entries = [p.name for p in folder.iterdir()]
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return []
+    names = {m.group("name") for n in entries if (m := _ANY.match(n))}
+    done = []
+    for name in sorted(names):
+        done += clean_stale(folder / name)
+    for n in entries:  # lock files of killed writers (a free lock): taking and releasing one removes it
+        m = _LOCK_FILE.match(n)
+        if m:
+            lock = _Lock(folder / m.group("name"))
+            try:
+                lock.acquire()
+            except (OutputLockedError, OSError):
+                continue
+            lock.release()
+            done.append(folder / n)
     return done
 
 
@@ -270,6 +302,7 @@ def atomic_output(
     target = Path(target)
     with target_lock(target):
         clean_stale(target, locked=True)
+        clean_stale_siblings(target.parent)
         if os.path.lexists(target):
             if kind == "dir" and not target.is_dir():
                 raise FileExistsError(f"{target} exists and is not a folder.")

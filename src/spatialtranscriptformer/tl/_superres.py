@@ -62,13 +62,16 @@ class SuperResModel:
         dict), ``arrays.npz`` (z-score statistics of ``loss="mse"``), ``history.csv`` and, unless the
         backbone is a registered one with weights from a file or the Hugging Face cache, ``backbone.pt``
         (its state dict). Optimiser and GradNorm states are not saved: the model is saved for inference.
+        The folder is written whole into a temporary sibling and moved into place when complete, so an
+        interrupted save leaves the previous model as it was; a concurrent save to the same folder is
+        refused (``OutputLockedError``).
 
         Parameters
         ----------
         path
             Folder to write (created; must be empty unless ``overwrite``).
         overwrite
-            Replace a model already saved in ``path``.
+            Replace a model already saved in ``path`` (never a folder holding anything else).
         """
         from ._superres_io import save_superres
 
