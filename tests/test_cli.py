@@ -37,3 +37,7 @@ def test_stf_demo_end_to_end(tmp_path):
     assert set(summary["mean_pearson_held_out"]) == {"stf", "ridge"}
     assert (tmp_path / "demo_maps.png").stat().st_size > 10_000
     assert (tmp_path / "her2st_C2.zarr").is_dir()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries, no locks
+    from spatialdata import read_zarr
+
+    assert "table" in read_zarr(tmp_path / "her2st_C2.zarr").tables  # moved into place as a readable store
