@@ -214,7 +214,8 @@ def build_slide(
     if validate:
         from .._validate import check_counts
 
-        check_counts(adata.X, element=f"slide {slide_id!r} counts", hint="The readers expect raw counts in X.")
+        check_counts(adata.X, element=f"slide {slide_id!r} counts", hint="The readers expect raw counts in X (an AnnData with raw counts in a layer: "
+                     "copy it and set X to that layer first).")
         validate_spots(
             coords,
             image_shape=None if levels is None else tuple(levels[0].shape[1:]),
