@@ -151,6 +151,13 @@ def check_linked(sdata, *, n: int) -> None:
     )
 
 
+def image_units_per_px(sdata) -> float:
+    """Coordinate units ("global") per pixel of the finest level of the slide image."""
+    from spatialtranscriptformer.pp._image import units_per_pixel
+
+    return units_per_pixel(sdata.images[K.IMAGE_KEY])
+
+
 def image_shape(sdata) -> tuple[int, ...]:
     from spatialdata import get_pyramid_levels
     from xarray import DataArray
@@ -184,15 +191,24 @@ def test_read_visium_uses_lowres_when_hires_blank(visium_dir, visium_sdata):
     assert meta["image_source"] == "lowres"
     assert image_shape(visium_sdata) == (3, 600, 600)
     mpp_full = 55.0 / sf["spot_diameter_fullres"]
-    assert meta["mpp_fullres"] == pytest.approx(mpp_full)
-    assert meta["mpp"] == pytest.approx(mpp_full / sf["tissue_lowres_scalef"])
+    assert meta["mpp_fullres"] == pytest.approx(mpp_full) and meta["mpp"] == pytest.approx(mpp_full)
+    assert meta["image_scalef"] == pytest.approx(sf["tissue_lowres_scalef"])
+    assert meta["image_mpp"] == pytest.approx(mpp_full / sf["tissue_lowres_scalef"])
     assert meta["slide_id"] == "visium_tiny" and set(t.obs[K.SLIDE_KEY]) == {"visium_tiny"}
-    # coordinates: full-res positions of the positions file x lowres scalefactor
+    # coordinates: the full-res positions of the positions file, as in Space Ranger and scanpy
     pos = pd.read_csv(visium_dir / "spatial" / "tissue_positions_list.csv", header=None, index_col=0)
     full = pos.loc[t.obs_names, [5, 4]].to_numpy(float)
-    np.testing.assert_allclose(t.obsm[K.SPATIAL_KEY], full * sf["tissue_lowres_scalef"])
+    np.testing.assert_allclose(t.obsm[K.SPATIAL_KEY], full)
     radius = visium_sdata.shapes[K.SHAPES_KEY]["radius"].to_numpy()
     np.testing.assert_allclose(radius, 27.5 / meta["mpp"])
+    # the lowres image is placed on the full-res coordinates by a scale
+    assert image_units_per_px(visium_sdata) == pytest.approx(1 / sf["tissue_lowres_scalef"])
+    # scanpy's image store: Space Ranger's scalefactors; the blank hires PNG is replaced by the lowres one
+    lib = t.uns["spatial"][meta["library_id"]]
+    assert lib["scalefactors"]["spot_diameter_fullres"] == pytest.approx(sf["spot_diameter_fullres"])
+    assert lib["scalefactors"]["tissue_lowres_scalef"] == pytest.approx(sf["tissue_lowres_scalef"])
+    assert lib["images"]["lowres"].shape == (600, 600, 3) and lib["images"]["lowres"].dtype == np.uint8
+    assert lib["scalefactors"]["tissue_hires_scalef"] == pytest.approx(sf["tissue_lowres_scalef"])
     assert t.var_names[0].startswith("ENSG") or "gene_ids" in t.var
 
 
@@ -205,6 +221,7 @@ def test_read_visium_explicit_hires_and_no_image(visium_dir):
     s2 = stf.io.read_visium(visium_dir, img_key=None)
     assert len(s2.images) == 0
     assert s2.tables[K.TABLE_KEY].uns[K.SLIDE_META_KEY]["mpp"] == pytest.approx(meta["mpp_fullres"])
+    np.testing.assert_allclose(s2.tables[K.TABLE_KEY].obsm[K.SPATIAL_KEY], s.tables[K.TABLE_KEY].obsm[K.SPATIAL_KEY])
 
 
 # --- Visium HD (fake Space Ranger 3 folder) --------------------------------------------------------
@@ -222,17 +239,20 @@ def test_read_visium_hd_bins(hd_outs):
     check_linked(s, n=int(0.7 * n))
     meta = t.uns[K.SLIDE_META_KEY]
     assert meta["image_source"] == "hires" and meta["shape"] == "square"
-    assert meta["mpp"] == pytest.approx(HD_MPP / HD_HIRES) and meta["mpp_fullres"] == pytest.approx(HD_MPP)
-    assert image_shape(s) == (3, 100, 100)
+    assert meta["mpp"] == pytest.approx(HD_MPP) and meta["mpp_fullres"] == pytest.approx(HD_MPP)
+    assert meta["image_mpp"] == pytest.approx(HD_MPP / HD_HIRES)
+    assert image_shape(s) == (3, 100, 100) and image_units_per_px(s) == pytest.approx(1 / HD_HIRES)
     bounds = s.shapes[K.SHAPES_KEY].geometry.bounds
     np.testing.assert_allclose(bounds["maxx"] - bounds["minx"], 8.0 / meta["mpp"])
     pos = pd.read_parquet(hd_outs / "binned_outputs/square_008um/spatial/tissue_positions.parquet").set_index("barcode")
     full = pos.loc[t.obs_names, ["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy()
-    np.testing.assert_allclose(t.obsm[K.SPATIAL_KEY], full * HD_HIRES)
+    np.testing.assert_allclose(t.obsm[K.SPATIAL_KEY], full)
     assert meta["slide_id"] == hd_outs.parent.name
+    lib = t.uns["spatial"][meta["library_id"]]
+    assert set(lib["images"]) == {"hires", "lowres"} and lib["scalefactors"]["tissue_hires_scalef"] == HD_HIRES
     s16 = stf.io.read_visium_hd(hd_outs / "binned_outputs", bin_size=16, img_key="lowres")
     m16 = s16.tables[K.TABLE_KEY].uns[K.SLIDE_META_KEY]
-    assert m16["bin_size_um"] == 16 and m16["mpp"] == pytest.approx(HD_MPP / HD_LOWRES)
+    assert m16["bin_size_um"] == 16 and m16["image_mpp"] == pytest.approx(HD_MPP / HD_LOWRES)
 
 
 def test_read_visium_hd_fullres_image(hd_outs, tmp_path):
@@ -297,9 +317,16 @@ def test_from_anndata_scanpy_visium_matches_reader(scanpy_visium, visium_sdata):
     meta = t.uns[K.SLIDE_META_KEY]
     assert meta["image_source"] == "lowres" and meta["slide_id"] == "custom"
     assert meta["mpp"] == pytest.approx(ref.uns[K.SLIDE_META_KEY]["mpp"])
+    assert meta["image_mpp"] == pytest.approx(ref.uns[K.SLIDE_META_KEY]["image_mpp"])
     np.testing.assert_allclose(t.obsm[K.SPATIAL_KEY], ref[t.obs_names].obsm[K.SPATIAL_KEY])
+    np.testing.assert_allclose(t.obsm[K.SPATIAL_KEY], scanpy_visium.obsm["spatial"])  # the user's coordinates
     assert image_shape(s) == (3, 600, 600)
-    assert "spatial" not in t.uns  # scanpy scalefactors would contradict the rescaled coordinates
+    # the user's uns['spatial'] library is kept (a copy), consistent with the unchanged coordinates
+    lib, user = t.uns["spatial"]["custom"], scanpy_visium.uns["spatial"]["custom"]
+    assert lib["scalefactors"] == user["scalefactors"]
+    assert set(lib["images"]) == set(user["images"])
+    np.testing.assert_array_equal(lib["images"]["lowres"], user["images"]["lowres"])
+    assert lib["images"]["lowres"] is not user["images"]["lowres"]
     # the user's AnnData is untouched
     np.testing.assert_array_equal(scanpy_visium.obsm["spatial"], before.obsm["spatial"])
     assert list(scanpy_visium.obs.columns) == list(before.obs.columns)
@@ -321,7 +348,8 @@ def test_from_anndata_with_image_array(bundled_sdata):
     )
     out = s.tables[K.TABLE_KEY]
     check_linked(s, n=t.n_obs)
-    assert out.uns[K.SLIDE_META_KEY]["mpp"] == pytest.approx(4 * meta["mpp"])
-    np.testing.assert_allclose(out.obsm[K.SPATIAL_KEY], t.obsm[K.SPATIAL_KEY] * 0.25)
-    assert image_shape(s) == (3, *img.shape[:2])
+    assert out.uns[K.SLIDE_META_KEY]["mpp"] == pytest.approx(meta["mpp"])
+    assert out.uns[K.SLIDE_META_KEY]["image_mpp"] == pytest.approx(4 * meta["mpp"])
+    np.testing.assert_allclose(out.obsm[K.SPATIAL_KEY], t.obsm[K.SPATIAL_KEY])
+    assert image_shape(s) == (3, *img.shape[:2]) and image_units_per_px(s) == pytest.approx(4.0)
     assert "region" not in small.obs and K.SLIDE_META_KEY not in small.uns  # input untouched

@@ -13,7 +13,9 @@ SHAPES_KEY = "spots"
 TABLE_KEY = "table"
 """Name of the expression table."""
 COORDINATE_SYSTEM = "global"
-"""Coordinate system of a slide: full-resolution pixels of the H&E image."""
+"""Coordinate system of a slide: the units of ``obsm['spatial']`` (full-resolution pixels of the scan)."""
+MICRON_COORDINATE_SYSTEM = "micron"
+"""Second coordinate system of every element a reader writes: micrometres (``global`` x µm per unit)."""
 
 # --- obs columns ------------------------------------------------------------------------------------
 SLIDE_KEY = "slide_id"
@@ -30,6 +32,9 @@ SPATIAL_KEY = "spatial"
 """``obsm`` key of spot centres in full-resolution image pixels (x, y), as in scanpy."""
 COUNTS_LAYER = "counts"
 """Layer with the raw integer counts."""
+UNS_SPATIAL_KEY = "spatial"
+"""``uns`` key of the scanpy/squidpy image store: ``uns['spatial'][library_id]`` = ``{'images': {'hires',
+'lowres'}, 'scalefactors': {...}}``, read by :func:`scanpy.pl.spatial` and :func:`squidpy.pl.spatial_scatter`."""
 SLIDE_META_KEY = "stf_slide"
 """``uns`` key with per-slide metadata: microns per pixel, spot diameter, element names."""
 EMBEDDING_PREFIX = "X_"
@@ -52,3 +57,7 @@ DEFAULT_TILE_SIZE = 224
 """Tile edge in pixels (HEST-Benchmark)."""
 DEFAULT_TILE_MPP = 0.5
 """Tile resolution in microns per pixel (HEST-Benchmark)."""
+UPSAMPLING_WARN = 2.0
+"""Tiles that need more than this upsampling of the slide image (tile px per image px) give a warning."""
+UPSAMPLING_MAX = 4.0
+"""Tiles that need more than this upsampling are refused unless ``allow_upsampling=True``."""

@@ -388,6 +388,9 @@ def _one_slide(
             np.moveaxis(rates2, -1, 0),
             dims=("c", "y", "x"),
             c_coords=list(genes),
-            transformations={K.COORDINATE_SYSTEM: tf},
+            transformations={
+                K.COORDINATE_SYSTEM: tf,
+                K.MICRON_COORDINATE_SYSTEM: Sequence([tf, Scale([mpp, mpp], axes=("y", "x"))]),
+            },
         )
     return sdata

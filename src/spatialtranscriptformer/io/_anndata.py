@@ -53,9 +53,15 @@ def from_anndata(
       Wolf et al. 2018, *Genome Biol.* 19:15; Palla et al. 2022, *Nat. Methods* 19:171): ``obsm['spatial']``
       in full-resolution pixels, ``uns['spatial'][library_id]['images'][img_key]`` and
       ``['scalefactors']`` (``tissue_<img_key>_scalef``, ``spot_diameter_fullres``). The chosen image becomes
-      ``"he"``; coordinates are multiplied by its scalefactor and the µm/px divided by it (recorded as
-      ``image_source`` / ``image_scalef`` in ``uns['stf_slide']``);
+      ``"he"``, placed on the spots by the transformation ``Scale(1 / scalefactor)`` to ``"global"``;
     - an AnnData with ``obsm['spatial']`` plus an explicit ``image`` array and ``mpp``.
+
+    ``obsm['spatial']`` keeps your coordinates and units, and ``uns['spatial'][library_id]`` (images and
+    scalefactors) is kept as you brought it (only the chosen library), so :func:`scanpy.pl.spatial` and
+    :func:`squidpy.pl.spatial_scatter` draw the table as before; without one, it is built from the image.
+    ``uns['stf_slide']`` records the image used (``image_source``), its ``image_scalef`` (image px per
+    coordinate unit) and ``image_mpp`` (µm per image px). An image much coarser than the tiles of a
+    pathology encoder is refused when tiles are cut (see :func:`spatialtranscriptformer.pp.tiles`).
 
     ``adata`` is never modified; the table of the result is a copy (raw counts expected in ``X``).
 
@@ -143,22 +149,27 @@ def from_anndata(
         ]
         name, img, scalef = choose_image(candidates, img_key, source=f"slide {slide_id!r}")
 
-    sdata = build_slide(
+    kept = None
+    if lib is not None and lib.get("images") and lib.get("scalefactors"):  # they refer to obsm['spatial']: keep
+        import copy
+
+        kept = copy.deepcopy(dict(lib))  # never share arrays with the user's AnnData
+        if len(adata.uns[K.UNS_SPATIAL_KEY]) > 1:
+            logger.info("slide %s: keeping library %r of uns['spatial'] (the others are other slides)",
+                        slide_id, library_id)
+    if name is not None:
+        logger.info("slide %s: H&E image %s, %.3g µm/px (%.3g px per obsm['spatial'] unit)",
+                    slide_id, name, float(mpp) / scalef, scalef)
+    return build_slide(
         img,
         adata,
-        coords=coords * scalef,
-        mpp=float(mpp) / scalef,
+        coords=coords,
+        mpp=float(mpp),
         spot_diameter_um=float(spot_diameter_um),
         slide_id=slide_id,
         patient_id=patient_id,
-        extra_meta={
-            "image_source": name,
-            "image_scalef": scalef,
-            "mpp_fullres": float(mpp),
-            "library_id": library_id,
-        },
+        image_scalef=scalef,
+        library_id=library_id or slide_id,
+        spatial_uns=kept,
+        extra_meta={"image_source": name, "mpp_fullres": float(mpp)},
     )
-    table = sdata.tables[K.TABLE_KEY]  # build_slide's copy, never the user's AnnData
-    if scalef != 1.0 and "spatial" in table.uns:
-        del table.uns["spatial"]  # the scanpy scalefactors no longer match the rescaled obsm['spatial']
-    return sdata

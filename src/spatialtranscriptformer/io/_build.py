@@ -162,6 +162,9 @@ def build_slide(
     chunks: int = 1024,
     validate: bool = True,
     extra_meta: dict | None = None,
+    image_scalef: float = 1.0,
+    library_id: str | None = None,
+    spatial_uns: dict | None = None,
 ) -> SpatialData:
     """Build a one-slide :class:`~spatialdata.SpatialData`.
 
@@ -177,9 +180,10 @@ def build_slide(
     adata
         Spots x genes; copied, never modified. ``X`` holds raw counts (also stored in ``layers['counts']``).
     coords
-        Spot centres ``(x, y)`` in full-resolution pixels of ``image`` (of its finest level).
+        Spot centres ``(x, y)`` in the slide's coordinate units (``obsm['spatial']``, coordinate system
+        ``"global"``): full-resolution pixels of the scan.
     mpp
-        Microns per full-resolution pixel.
+        Microns per coordinate unit (per full-resolution pixel).
     spot_diameter_um
         Physical spot (or bin edge) size in µm.
     slide_id, patient_id
@@ -197,15 +201,30 @@ def build_slide(
         Validate counts and coordinates (disable only for trusted, very large inputs).
     extra_meta
         More entries for ``uns['stf_slide']``.
+    image_scalef
+        Pixels of ``image`` (of its finest level) per coordinate unit: 1 when the image is the full-resolution
+        scan, e.g. 0.15 for a Space Ranger hires PNG. The image element carries ``Scale(1 / image_scalef)``
+        to ``"global"``; coordinates are never rescaled.
+    library_id
+        Key of the slide in ``uns['spatial']`` (default: ``slide_id``).
+    spatial_uns
+        The slide's ``uns['spatial'][library_id]`` entry (images and scalefactors referring to ``coords``),
+        e.g. Space Ranger's or the user's; ``None`` builds it from ``image`` (hires: longest side 2,000 px,
+        lowres: 600 px; see :mod:`spatialtranscriptformer.io._spatial_uns`).
+
+    Every element has two coordinate systems: ``"global"`` (coordinate units) and ``"micron"`` (µm).
     """
     import geopandas as gpd
     import shapely
     from spatialdata import SpatialData
     from spatialdata.models import ShapesModel, TableModel
-    from spatialdata.transformations import Identity
+
+    from ._spatial_uns import element_levels, scanpy_library
 
     coords = np.asarray(coords, dtype=np.float64)
     ids = pd.Index(adata.obs_names.astype(str))
+    if not (isinstance(image_scalef, int | float | np.number) and np.isfinite(image_scalef) and image_scalef > 0):
+        raise ValueError(f"image_scalef must be a positive number (image px per coordinate unit), got {image_scalef!r}.")
     levels, lazy = (None, False) if image is None else _image_levels(image)
     if levels is not None and len(levels) > 1 and scale_factors is not None:
         raise ValueError("Pass either pyramid levels (a list of images) or scale_factors=, not both.")
@@ -218,7 +237,7 @@ def build_slide(
                      "copy it and set X to that layer first).")
         validate_spots(
             coords,
-            image_shape=None if levels is None else tuple(levels[0].shape[1:]),
+            image_shape=None if levels is None else tuple(s / image_scalef for s in levels[0].shape[1:]),
             mpp=mpp,
             spot_diameter_um=spot_diameter_um,
             spot_ids=ids,
@@ -226,7 +245,7 @@ def build_slide(
     if len(ids) != len(coords):
         raise ValueError(f"{len(coords)} coordinates for {len(ids)} spots.")
 
-    tf = {K.COORDINATE_SYSTEM: Identity()}
+    tf, tf_image = slide_transformations(mpp, image_scalef=image_scalef)
     radius_px = spot_diameter_um / mpp / 2
     if shape == "circle":
         shapes = ShapesModel.parse(
@@ -259,13 +278,41 @@ def build_slide(
         "image_key": image_key if image is not None else None,
         "shapes_key": shapes_key,
         "shape": shape,
+        "image_scalef": float(image_scalef) if image is not None else None,
+        "image_mpp": float(mpp) / float(image_scalef) if image is not None else None,
+        "library_id": str(library_id if library_id is not None else slide_id),
     }
     if extra_meta:
-        meta.update(extra_meta)
+        meta.update({k: v for k, v in extra_meta.items() if v is not None})
     table.uns[K.SLIDE_META_KEY] = {k: v for k, v in meta.items() if v is not None}
-    table = TableModel.parse(table, region=shapes_key, region_key=K.REGION_KEY, instance_key=K.INSTANCE_KEY)
 
     images = {}
     if levels is not None:
-        images[image_key] = _image_element(levels, lazy=lazy, scale_factors=scale_factors, chunks=chunks, tf=tf)
+        images[image_key] = _image_element(
+            levels, lazy=lazy, scale_factors=scale_factors, chunks=chunks, tf=tf_image
+        )
+    if spatial_uns is None:  # from the given levels when lazy (never compute a lazy pyramid), else the element's
+        src = [] if levels is None else (levels if lazy else element_levels(images[image_key]))
+        spatial_uns = scanpy_library(
+            src, px_per_unit=image_scalef, mpp=mpp, spot_diameter_um=spot_diameter_um, lazy=lazy
+        )
+    table.uns[K.UNS_SPATIAL_KEY] = {meta["library_id"]: spatial_uns}
+    table = TableModel.parse(table, region=shapes_key, region_key=K.REGION_KEY, instance_key=K.INSTANCE_KEY)
     return SpatialData(images=images, shapes={shapes_key: shapes}, tables={table_key: table})
+
+
+def slide_transformations(mpp: float, *, image_scalef: float = 1.0) -> tuple[dict, dict]:
+    """Transformations of a slide's shapes and of its image to ``"global"`` and ``"micron"``.
+
+    ``"global"`` is the unit of ``obsm['spatial']`` (full-resolution pixels), ``"micron"`` is µm
+    (``mpp`` µm per unit). The image's pixels are ``image_scalef`` per unit.
+    """
+    from spatialdata.transformations import Identity, Scale
+
+    def scale(f: float):
+        return Identity() if f == 1.0 else Scale([f, f], axes=("x", "y"))
+
+    shapes = {K.COORDINATE_SYSTEM: Identity(), K.MICRON_COORDINATE_SYSTEM: scale(float(mpp))}
+    unit = 1.0 / float(image_scalef)
+    image = {K.COORDINATE_SYSTEM: scale(unit), K.MICRON_COORDINATE_SYSTEM: scale(float(mpp) * unit)}
+    return shapes, image

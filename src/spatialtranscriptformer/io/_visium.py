@@ -154,7 +154,7 @@ def choose_image(
             )
         if scalef is None or not np.isfinite(scalef) or scalef <= 0:
             raise ValueError(f"{source}: unknown or invalid scalefactor ({scalef!r}) of the {name} image ({desc}).")
-        logger.info("%s: using the %s image (%s), scalefactor %s", source, name, desc, scalef)
+        logger.info("%s: using the %s image (%s), %s px per full-resolution px", source, name, desc, scalef)
         return name, img, float(scalef)
     raise ValueError(
         f"{source}: every available image is blank (a single colour): {blank}. Pass img_key=<name> to use one "
@@ -196,10 +196,15 @@ def read_visium(
     microns per full-resolution pixel follow from the spot size: ``mpp = 55 / spot_diameter_fullres``
     (55 µm Visium spots, ``scalefactors_json.json``).
 
+    ``obsm['spatial']`` holds the spot centres in full-resolution pixels, as in Space Ranger and scanpy, and
+    ``uns['spatial'][library_id]`` the hires/lowres PNGs (those that are not blank) with Space Ranger's
+    scalefactors, so :func:`scanpy.pl.spatial` and :func:`squidpy.pl.spatial_scatter` draw on the H&E.
     When no full-resolution image is given, the hires image (else the lowres one) becomes the slide image
-    ``"he"``: spot coordinates are multiplied by its scalefactor and the µm/px divided by it, so
-    ``obsm['spatial']`` is always in pixels of ``"he"``. ``uns['stf_slide']`` records which image was used
-    (``image_source``), its ``image_scalef`` and ``mpp_fullres``.
+    ``"he"``, placed on the spots by ``Scale(1 / scalefactor)``. ``uns['stf_slide']`` records which image was
+    used (``image_source``), its ``image_scalef`` (px per full-resolution px) and ``image_mpp`` (µm/px); the
+    choice is logged at INFO level. Space Ranger's PNGs are 10–30× coarser than the 0.5 µm/px tiles of
+    pathology encoders: :func:`spatialtranscriptformer.pp.tiles` and :func:`~spatialtranscriptformer.pp.embed`
+    refuse such an image unless ``allow_upsampling=True`` — pass ``fullres_image_file=``.
 
     Parameters
     ----------
@@ -284,26 +289,55 @@ def read_visium(
         return None if img is None else (lambda: np.moveaxis(np.asarray(img.data), 0, -1))
 
     fullres_loader = None if fullres_path is None else (lambda: open_image_file(fullres_path)[0])
-    candidates = [
-        ("fullres", 1.0, fullres_loader, str(fullres_path or "no fullres_image_file given")),
-        ("hires", scalefactors["tissue_hires_scalef"], _loader("hires"), str(spatial / "tissue_hires_image.png")),
-        ("lowres", scalefactors["tissue_lowres_scalef"], _loader("lowres"), str(spatial / "tissue_lowres_image.png")),
+    candidates = [  # descriptions relative to the folder (messages without the machine's paths)
+        ("fullres", 1.0, fullres_loader, str(fullres_image_file or "no fullres_image_file given")),
+        ("hires", scalefactors["tissue_hires_scalef"], _loader("hires"), "spatial/tissue_hires_image.png"),
+        ("lowres", scalefactors["tissue_lowres_scalef"], _loader("lowres"), "spatial/tissue_lowres_image.png"),
     ]
     name, image, scalef = choose_image(candidates, img_key, source=f"Visium slide {slide_id!r}")
     return build_slide(
         image,
         adata,
-        coords=coords * scalef,
-        mpp=mpp / scalef,
+        coords=coords,
+        mpp=mpp,
         spot_diameter_um=spot_diameter_um,
         slide_id=slide_id,
         patient_id=patient_id,
+        image_scalef=scalef,
+        library_id=library or slide_id,
+        spatial_uns=space_ranger_uns(
+            {n: _loader(n) for n in ("hires", "lowres")}, scalefactors, source=f"Visium slide {slide_id!r}"
+        ),
         extra_meta={
             "technology": "Visium",
             "pitch_um": VISIUM_PITCH_UM,
             "image_source": name,
-            "image_scalef": scalef,
             "mpp_fullres": float(mpp),
-            "library_id": library,
         },
     )
+
+
+def space_ranger_uns(loaders: dict, scalefactors: dict, *, source: str) -> dict:
+    """``uns['spatial'][library_id]`` from Space Ranger's PNGs (blank ones left out) and scalefactors."""
+    images = {}
+    for name, loader in loaders.items():
+        if loader is None:
+            continue
+        img = np.asarray(loader())
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=-1)
+        img = img[..., :3]
+        if is_blank(img):
+            logger.info("%s: the %s image is blank, left out of uns['spatial']", source, name)
+            continue
+        if img.dtype != np.uint8:
+            img = (img * 255 if np.issubdtype(img.dtype, np.floating) and img.max() <= 1 else img)
+            img = np.clip(img, 0, 255).astype(np.uint8)
+        images[name] = img
+    sf = {k: float(v) for k, v in scalefactors.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    if "hires" not in images and "lowres" in images and "tissue_lowres_scalef" in sf:
+        # squidpy draws "hires" by default: give it the best image there is, with that image's scalefactor
+        images["hires"] = images["lowres"]
+        sf["tissue_hires_scalef"] = sf["tissue_lowres_scalef"]
+        logger.info("%s: no usable hires image; uns['spatial'] 'hires' holds the lowres image", source)
+    return {"images": images, "scalefactors": sf, "metadata": {"source": "Space Ranger"}}

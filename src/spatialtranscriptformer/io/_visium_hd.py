@@ -13,7 +13,7 @@ import pandas as pd
 
 from .._validate import read_json, reading, unique_gene_names
 from ._build import build_slide
-from ._visium import ImgKey, check_mpp, choose_image, open_image_file, read_image_file
+from ._visium import ImgKey, check_mpp, choose_image, open_image_file, read_image_file, space_ranger_uns
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -63,9 +63,10 @@ def read_visium_hd(
     Bins become squares of ``bin_size`` µm. The microns per full-resolution pixel are
     ``microns_per_pixel`` of the scalefactors (else ``bin_size_um / spot_diameter_fullres``).
 
-    As in :func:`spatialtranscriptformer.io.read_visium`, without a full-resolution image the hires (else
-    lowres) image becomes ``"he"`` and coordinates / µm/px are rescaled by its scalefactor; the choice is
-    recorded in ``uns['stf_slide']`` (``image_source``, ``image_scalef``, ``mpp_fullres``).
+    As in :func:`spatialtranscriptformer.io.read_visium`, ``obsm['spatial']`` stays in full-resolution
+    pixels and ``uns['spatial']`` holds Space Ranger's PNGs and scalefactors; without a full-resolution image
+    the hires (else lowres) image becomes ``"he"`` (with ``Scale(1 / scalefactor)`` to ``"global"``); the
+    choice is recorded in ``uns['stf_slide']`` (``image_source``, ``image_scalef``, ``image_mpp``).
 
     Parameters
     ----------
@@ -175,18 +176,21 @@ def read_visium_hd(
     return build_slide(
         image,
         adata,
-        coords=coords * scalef,
-        mpp=mpp / scalef,
+        coords=coords,
+        mpp=mpp,
         spot_diameter_um=float(bin_size),
         slide_id=slide_id,
         patient_id=patient_id,
         shape="square",
+        image_scalef=scalef,
+        spatial_uns=space_ranger_uns(
+            {"hires": hires_loader, "lowres": lowres_loader}, sf, source=f"Visium HD slide {slide_id!r}"
+        ),
         extra_meta={
             "technology": "Visium HD",
             "bin_size_um": float(bin_size),
             "pitch_um": float(bin_size),
             "image_source": name,
-            "image_scalef": scalef,
             "mpp_fullres": float(mpp),
         },
     )

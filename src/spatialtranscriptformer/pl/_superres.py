@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import _constants as K
 from .._data import get_table, slide_mpp
+from ._utils import figure_dpi
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -105,7 +106,7 @@ def superres(
         raise KeyError(f"truth `obsm[{truth!r}]` not found; use 'counts', an obsm key or None.")
     mpp = slide_mpp(adata)
     level = resolve_image(sdata, adata, image_key)[0]
-    h_um, w_um = level.shape_yx[0] * mpp, level.shape_yx[1] * mpp
+    h_um, w_um = level.extent_yx[0] * mpp, level.extent_yx[1] * mpp
     if mosaic:
         region_um, scales = (0.0, 0.0, w_um, h_um), [16]
     elif region_um is None:
@@ -118,9 +119,11 @@ def superres(
         raise ValueError(f"region_um must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {region_um}.")
     ncol = 1 + len(scales) + (truth is not None)
     fig, axes = plt.subplots(
-        len(genes), ncol, figsize=(figsize_per_panel * ncol, figsize_per_panel * len(genes)), squeeze=False
+        len(genes), ncol, figsize=(figsize_per_panel * ncol, figsize_per_panel * len(genes)), squeeze=False,
+        dpi=figure_dpi(),
     )
-    he = level.read(int(y0 / mpp), int(np.ceil(y1 / mpp)), int(x0 / mpp), int(np.ceil(x1 / mpp)))
+    px = mpp * level.downscale  # µm per pixel of the image's finest level
+    he = level.read(int(y0 / px), int(np.ceil(y1 / px)), int(x0 / px), int(np.ceil(x1 / px)))
     for i, gene in enumerate(genes):
         axes[i, 0].imshow(he)
         axes[i, 0].set_title("H&E" if i == 0 else "")

@@ -15,7 +15,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class ImageLevel:
-    """One pyramid level: a lazy ``(c, y, x)`` array and its downscale factor from full resolution."""
+    """One pyramid level: a lazy ``(c, y, x)`` array and its size relative to the slide's coordinates.
+
+    ``downscale`` is the number of coordinate units (``obsm['spatial']``, full-resolution pixels) per pixel
+    of this level: ``2 ** level`` for a full-resolution pyramid, ``1 / scalefactor`` at level 0 of a Space
+    Ranger hires/lowres image.
+    """
 
     array: Any
     downscale: float
@@ -25,6 +30,12 @@ class ImageLevel:
     def shape_yx(self) -> tuple[int, int]:
         """Height and width in pixels."""
         return int(self.array.shape[-2]), int(self.array.shape[-1])
+
+    @property
+    def extent_yx(self) -> tuple[float, float]:
+        """Height and width in coordinate units."""
+        h, w = self.shape_yx
+        return h * self.downscale, w * self.downscale
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Region ``[y0:y1, x0:x1]`` as ``(y, x, 3)`` uint8 (clipped to the image)."""
@@ -50,7 +61,35 @@ def image_levels(sdata, image_key: str) -> list[ImageLevel]:
     else:
         arrays = [el.data]
     h0 = arrays[0].shape[-2]
-    return [ImageLevel(a, h0 / a.shape[-2], i) for i, a in enumerate(arrays)]
+    unit = units_per_pixel(el, name=image_key)
+    return [ImageLevel(a, unit * h0 / a.shape[-2], i) for i, a in enumerate(arrays)]
+
+
+def units_per_pixel(element, *, name: str = "image") -> float:
+    """Coordinate units (``"global"``) per pixel of an image element's finest level.
+
+    Read from the element's transformation to ``"global"``: 1 for ``Identity``, ``1 / scalefactor`` for
+    the ``Scale`` a reader sets on a Space Ranger hires/lowres image. Rotations, shears, translations and
+    unequal x/y scales are not supported (spots are cut as axis-aligned squares of the image).
+    """
+    from spatialdata.transformations import get_transformation
+
+    from .._constants import COORDINATE_SYSTEM
+
+    try:
+        tf = get_transformation(element, to_coordinate_system=COORDINATE_SYSTEM)
+    except (KeyError, ValueError):
+        return 1.0
+    m = np.asarray(tf.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
+    sx, sy = m[0, 0], m[1, 1]
+    if abs(m[0, 1]) > 1e-9 or abs(m[1, 0]) > 1e-9 or abs(m[0, 2]) > 1e-6 or abs(m[1, 2]) > 1e-6:
+        raise ValueError(
+            f"Image {name!r}: its transformation to {COORDINATE_SYSTEM!r} is not a pure scale ({tf}); "
+            "rotated, sheared or translated images are not supported."
+        )
+    if not (sx > 0 and np.isclose(sx, sy, rtol=1e-3)):
+        raise ValueError(f"Image {name!r}: unequal or non-positive x/y scales ({sx}, {sy}) to {COORDINATE_SYSTEM!r}.")
+    return float(sx)
 
 
 def array_levels(image: np.ndarray) -> list[ImageLevel]:

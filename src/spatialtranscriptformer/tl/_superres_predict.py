@@ -130,7 +130,7 @@ def _plan(sdata, model, *, i: int, key_added: str, store, image_key, table_key, 
     )
     if store.exists() and not overwrite:
         raise FileExistsError(f"{where}Store {store} already exists; pass overwrite=True or another store.")
-    h, w = levels[0].shape_yx
+    h, w = levels[0].extent_yx  # coordinate units (full-resolution px)
     patch_px = model.patch_um / mpp
     n_rows, n_cols = int(np.ceil(h / patch_px)), int(np.ceil(w / patch_px))
     if skip_background:
@@ -267,7 +267,10 @@ def _multiscale_element(store: Path, genes: list[str], mpp: float, da):
             da.from_zarr(str(store), component=f"{s}um"), dims=("c", "y", "x"), coords={"c": list(genes)}
         )
         # 2 µm bin (y, x) covers H&E pixels [y, y + 1) * s / mpp: a pure scale into "global"
-        arr.attrs["transform"] = {K.COORDINATE_SYSTEM: Scale([s / mpp, s / mpp], axes=("y", "x"))}
+        arr.attrs["transform"] = {
+            K.COORDINATE_SYSTEM: Scale([s / mpp, s / mpp], axes=("y", "x")),
+            K.MICRON_COORDINATE_SYSTEM: Scale([float(s), float(s)], axes=("y", "x")),
+        }
         nodes[f"scale{i}"] = xr.Dataset({"image": arr})
     tree = xr.DataTree.from_dict(nodes)
     Image2DModel().validate(tree)
