@@ -14,6 +14,18 @@ data
     One slide or a list of slides: :class:`~spatialdata.SpatialData` objects (or
     :class:`~anndata.AnnData` tables carrying embeddings and ``obsm['spatial']``)."""
 
+doc_image_slides = """\
+data
+    One slide or a list of slides: :class:`~spatialdata.SpatialData` objects holding the H&E image (an
+    :class:`~anndata.AnnData` has no image element; make one with
+    :func:`spatialtranscriptformer.io.from_anndata`)."""
+
+doc_upsampling = """\
+allow_upsampling
+    Cut tiles even when they need more than 4x upsampling of the slide image (e.g. Space Ranger's
+    hires/lowres PNGs for 0.5 µm/px tiles), which is refused by default; above 2x a warning says how
+    blurred they are."""
+
 doc_table_key = """\
 table_key
     Name of the table inside a :class:`~spatialdata.SpatialData`. ``None`` picks the only table,

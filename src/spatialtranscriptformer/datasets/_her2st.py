@@ -78,6 +78,7 @@ def her2st(
     path: str | os.PathLike | None = None,
     download: bool = False,
     load_image: bool = True,
+    progress: bool | None = None,
 ) -> SpatialData | list[SpatialData]:
     """Load her2st HER2+ breast cancer sections (legacy ST, full-resolution H&E, raw counts).
 
@@ -97,6 +98,8 @@ def her2st(
         Download sections that are not found locally (needs internet; checked against sha256 hashes).
     load_image
         Read the H&E images.
+    progress
+        With a list of sections: one progress bar over them; ``None`` follows ``stf.settings.progress``.
 
     Returns
     -------
@@ -106,7 +109,20 @@ def her2st(
     from ..io import read_her2st
 
     if section is not None and not isinstance(section, str):
-        return [her2st(s, path=path, download=download, load_image=load_image) for s in section]
+        from .._progress import progress_bar
+
+        sections = list(section)
+        for s in sections:  # every section found (or downloadable) before any is read
+            if _local_dir(s, path) is None and not download:
+                her2st(s, path=path, download=False, load_image=False)  # raises the FileNotFoundError
+        show = settings.progress if progress is None else progress
+        out = []
+        with progress_bar(total=len(sections), disable=not show or len(sections) < 2, desc="read her2st",
+                          unit="section") as bar:
+            for s in sections:
+                out.append(her2st(s, path=path, download=download, load_image=load_image))
+                bar.update(1)
+        return out
     if section is None:
         return read_her2st(bundled_path(), section=BUNDLED_SECTION, load_image=load_image)
     folder = _local_dir(section, path)

@@ -16,15 +16,16 @@ from .._docs import (
     doc_copy,
     doc_embed_key,
     doc_embed_tiles,
+    doc_image_slides,
     doc_params,
     doc_progress,
-    doc_slides,
     doc_table_key,
+    doc_upsampling,
 )
 from .._logging import logger
 from .._settings import settings
 from ._backbones import Backbone, get_backbone
-from ._tiles import iter_tiles, tile_plan
+from ._tiles import planned_batches, tile_plan
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -91,18 +92,31 @@ def embed_slide(
     progress: bool,
     prefetch: int = 2,
     amp: bool = False,
+    allow_upsampling: bool = False,
+    bar: Any = None,
+    plan: tuple | None = None,
 ) -> np.ndarray:
-    """Embeddings of all spots of one slide, in table order (nothing written)."""
+    """Embeddings of all spots of one slide, in table order (nothing written).
+
+    ``bar``: a progress bar shared by several slides (updated, not closed); ``plan``: the slide's
+    :func:`~spatialtranscriptformer.pp._tiles.tile_plan`, when already made (and its upsampling checked).
+    """
     import torch
-    from tqdm.auto import tqdm
+
+    from .._progress import progress_bar
 
     adata = get_table(data, table_key)
     size = tile_size or bb.spec.input_size
     res = mpp or bb.spec.mpp
-    gen = iter_tiles(data, tile_size=size, mpp=res, batch_size=batch_size, table_key=table_key, image_key=image_key)
+    if plan is None:
+        plan = tile_plan(data, adata, tile_size=size, mpp=res, image_key=image_key, allow_upsampling=allow_upsampling)
+    gen = planned_batches(plan, tile_size=size, batch_size=batch_size, pad_mode="reflect", cval=255)
     out = np.zeros((adata.n_obs, bb.dim), dtype=np.float32) if bb.dim else None
     use_amp = amp and str(bb.device).startswith("cuda")
-    with tqdm(total=adata.n_obs, disable=not progress, desc=f"embed {bb.name}", unit="tile") as bar:
+    own = bar is None
+    if own:
+        bar = progress_bar(total=adata.n_obs, disable=not progress, desc=f"embed {bb.name}", unit="tile")
+    try:
         for idx, x in _prefetch(gen, bb, prefetch):
             if use_amp:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -114,11 +128,14 @@ def embed_slide(
                 out = np.zeros((adata.n_obs, f.shape[1]), dtype=np.float32)
             out[idx] = f
             bar.update(len(idx))
+    finally:
+        if own:
+            bar.close()
     return out
 
 
-@doc_params(data=doc_slides, tiles=doc_embed_tiles, key=doc_embed_key, table_key=doc_table_key, copy=doc_copy,
-            progress=doc_progress)
+@doc_params(data=doc_image_slides, tiles=doc_embed_tiles, key=doc_embed_key, table_key=doc_table_key,
+            copy=doc_copy, progress=doc_progress, upsampling=doc_upsampling)
 def embed(
     data: SpatialData | list,
     *,
@@ -133,6 +150,7 @@ def embed(
     overwrite: bool = False,
     image_key: str | None = None,
     table_key: str | None = None,
+    allow_upsampling: bool = False,
     progress: bool | None = None,
     copy: bool = False,
 ) -> SpatialData | list | None:
@@ -141,8 +159,10 @@ def embed(
     Tiles are cut at the backbone's native scale (``mpp``, ``tile_size``) around every spot, read block
     by block into memory by a background thread that stays ``2`` batches ahead of the model, so reading
     hides behind compute. Inference runs under :func:`torch.inference_mode` (bfloat16 autocast with
-    ``amp=True`` on CUDA). Slides that already hold the embedding are skipped unless ``overwrite``.
-    For many slides on several GPUs or nodes use :func:`spatialtranscriptformer.pp.embed_distributed`.
+    ``amp=True`` on CUDA). Slides that already hold the embedding are skipped unless ``overwrite``; every
+    slide is checked (image, spots, upsampling) before any is embedded, and one progress bar counts the
+    tiles of all slides. For many slides on several GPUs or nodes use
+    :func:`spatialtranscriptformer.pp.embed_distributed`.
 
     Parameters
     ----------
@@ -161,6 +181,7 @@ def embed(
         bfloat16 autocast on CUDA (ignored on CPU, where it is slower).
     {key}
     {table_key}
+    {upsampling}
     {progress}
     {copy}
 
@@ -177,11 +198,14 @@ def embed(
     check_number("mpp", mpp, minimum=0, exclusive=True, none_ok=True)
     check_number("batch_size", batch_size, minimum=1, integer=True)
     slides = as_slide_list(data)
-    if copy:
-        slides = [copy_data(s) for s in slides]
     for i, s in enumerate(slides):
         if not is_spatialdata(s):
-            raise ValueError(f"Slide {i}: embedding needs the H&E image, pass a SpatialData (got {type(s).__name__}).")
+            raise TypeError(
+                f"Slide {i}: embedding needs the H&E image, pass a SpatialData (got {type(s).__name__}); "
+                "turn an AnnData into one with `stf.io.from_anndata(adata, image=..., mpp=...)`."
+            )
+    if copy:
+        slides = [copy_data(s) for s in slides]
     bb = get_backbone(backbone, weights=weights, device=device)
     key, size, res = embed_settings(bb, key_added=key_added, tile_size=tile_size, mpp=mpp)
     progress = settings.progress if progress is None else progress
@@ -192,18 +216,23 @@ def embed(
             logger.info("embed: %r already in obsm of slide %s, skipped (overwrite=True recomputes)", key,
                         adata.uns.get(K.SLIDE_META_KEY, {}).get("slide_id"))
             continue
-        tile_plan(s, adata, tile_size=size, mpp=res, image_key=image_key)  # validate before any compute
-        todo.append(s)
+        # validate (image, spots, upsampling) before any compute
+        plan = tile_plan(s, adata, tile_size=size, mpp=res, image_key=image_key, allow_upsampling=allow_upsampling)
+        todo.append((s, adata, plan))
+    from .._progress import progress_bar
+
+    n_tiles = sum(a.n_obs for _, a, _ in todo)
+    desc = f"embed {bb.name}" + (f" ({len(todo)} slides)" if len(todo) > 1 else "")
     results = []  # all slides are embedded before any is written: an error leaves every slide unchanged
-    for i, s in enumerate(todo):
-        t0 = time.perf_counter()
-        emb = embed_slide(s, bb, tile_size=size, mpp=res, batch_size=batch_size, table_key=table_key,
-                          image_key=image_key, progress=progress, amp=amp)
-        check_finite_output(emb, what=f"embed: backbone {bb.name!r} on slide {i} of {len(todo)}",
-                            hint="Check the backbone's weights and the tiles (blank or corrupt image?).")
-        results.append((s, emb, time.perf_counter() - t0))
-    for s, emb, dt in results:
-        adata = get_table(s, table_key)
+    with progress_bar(total=n_tiles, disable=not progress or not todo, desc=desc, unit="tile") as bar:
+        for i, (s, adata, plan) in enumerate(todo):
+            t0 = time.perf_counter()
+            emb = embed_slide(s, bb, tile_size=size, mpp=res, batch_size=batch_size, table_key=table_key,
+                              image_key=image_key, progress=progress, amp=amp, bar=bar, plan=plan)
+            check_finite_output(emb, what=f"embed: backbone {bb.name!r} on slide {i} of {len(todo)}",
+                                hint="Check the backbone's weights and the tiles (blank or corrupt image?).")
+            results.append((adata, emb, time.perf_counter() - t0))
+    for adata, emb, dt in results:
         adata.obsm[key] = emb
         adata.uns[key] = {"params": embedding_params(bb, weights=weights, tile_size=size, mpp=res, dim=emb.shape[1],
                                                      seconds=round(dt, 3))}

@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._data import as_slide_list, get_table
-from .._docs import doc_embed_key, doc_embed_tiles, doc_params, doc_progress, doc_slides, doc_table_key
+from .._docs import (
+    doc_embed_key,
+    doc_embed_tiles,
+    doc_image_slides,
+    doc_params,
+    doc_progress,
+    doc_table_key,
+    doc_upsampling,
+)
 from .._settings import settings
 from ._backbones import get_backbone, pooled_features
 from ._embed import embed_settings, embedding_params
@@ -24,11 +32,13 @@ if TYPE_CHECKING:
 class _TileBatches:
     """Map-style dataset: item ``i`` = one batch of spatially neighbouring spots of one slide."""
 
-    def __init__(self, slides, *, size, mpp, batch_size, table_key, image_key, preprocess):
+    def __init__(self, slides, *, size, mpp, batch_size, table_key, image_key, preprocess, allow_upsampling=False):
         self.plans, self.items = [], []
         for si, s in enumerate(slides):
             adata = get_table(s, table_key)
-            level, centers, scale = tile_plan(s, adata, tile_size=size, mpp=mpp, image_key=image_key)
+            level, centers, scale = tile_plan(
+                s, adata, tile_size=size, mpp=mpp, image_key=image_key, allow_upsampling=allow_upsampling
+            )
             self.plans.append((level, centers, scale))
             order = np.lexsort((centers[:, 0], np.floor(centers[:, 1] / (size * scale * 4))))
             for b in range(0, len(order), batch_size):
@@ -51,8 +61,8 @@ class _TileBatches:
         return si, pos, self.preprocess(tiles)
 
 
-@doc_params(data=doc_slides, tiles=doc_embed_tiles, key=doc_embed_key, table_key=doc_table_key,
-            progress=doc_progress)
+@doc_params(data=doc_image_slides, tiles=doc_embed_tiles, key=doc_embed_key, table_key=doc_table_key,
+            progress=doc_progress, upsampling=doc_upsampling)
 def embed_distributed(
     data: SpatialData | list,
     *,
@@ -72,6 +82,7 @@ def embed_distributed(
     overwrite: bool = False,
     image_key: str | None = None,
     table_key: str | None = None,
+    allow_upsampling: bool = False,
     progress: bool | None = None,
 ) -> None:
     """Embed many slides on one or several GPUs / nodes through Lightning's predict loop.
@@ -100,6 +111,7 @@ def embed_distributed(
         it must be shared by all of them.
     {key}
     {table_key}
+    {upsampling}
     {progress}
 
     Returns
@@ -124,7 +136,7 @@ def embed_distributed(
     if not todo:
         return None
     ds = _TileBatches(todo, size=size, mpp=res, batch_size=batch_size, table_key=table_key, image_key=image_key,
-                      preprocess=bb.preprocess)
+                      preprocess=bb.preprocess, allow_upsampling=allow_upsampling)
     base = Path(scratch_dir) if scratch_dir is not None else Path(tempfile.gettempdir())
 
     def folder() -> Path:

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import _constants as K
 from .._data import get_table, slide_mpp, spot_coords
-from .._docs import doc_data, doc_params, doc_table_key
+from .._docs import doc_data, doc_params, doc_table_key, doc_upsampling
 from ._image import ImageLevel, choose_level, resolve_image
 
 if TYPE_CHECKING:
@@ -138,10 +138,56 @@ def extract_tiles(
                 yield idx, None
 
 
+def check_upsampling(
+    upsampling: float, *, image_mpp: float, tile_mpp: float, allow_upsampling: bool, adata: AnnData, stacklevel: int = 3
+) -> None:
+    """Warn above ``UPSAMPLING_WARN``-fold upsampling of the slide image, refuse above ``UPSAMPLING_MAX``.
+
+    A tile cut at ``tile_mpp`` from an image of ``image_mpp`` µm/px is magnified ``image_mpp / tile_mpp``
+    times. Above 2× the tile is visibly blurred; above 4× (e.g. a Space Ranger hires PNG at ~4 µm/px, or
+    the lowres PNG at ~14 µm/px, for 0.5 µm/px tiles) it no longer holds the cell-scale detail a pathology
+    encoder was trained on, and its embedding describes blur: refused unless ``allow_upsampling=True``.
+    """
+    if upsampling <= K.UPSAMPLING_WARN * 1.001:
+        return
+    meta = adata.uns.get(K.SLIDE_META_KEY, {}) or {}
+    sid = meta.get("slide_id", "slide")
+    src = meta.get("image_source")
+    what = f"the {src!r} image" if src else "the slide image"
+    msg = (
+        f"Slide {sid!r}: tiles at {tile_mpp:g} µm/px need {upsampling:.1f}x upsampling of {what} "
+        f"({image_mpp:.3g} µm/px)"
+    )
+    if upsampling > K.UPSAMPLING_MAX * 1.001 and not allow_upsampling:
+        hint = (
+            " Read the full-resolution H&E (e.g. `stf.io.read_visium(..., fullres_image_file=...)`,"
+            " `stf.io.from_anndata(adata, image=..., image_scalef=...)`)"
+            if src in ("hires", "lowres")
+            else " Use a finer image or a coarser tile resolution (`mpp=`)"
+        )
+        raise ValueError(
+            f"{msg}, more than the {K.UPSAMPLING_MAX:g}x limit: the tiles would be blur, not tissue.{hint}, "
+            "or pass allow_upsampling=True to proceed anyway."
+        )
+    import warnings
+
+    warnings.warn(f"{msg}; the tiles will be blurred.", UserWarning, stacklevel=stacklevel)
+
+
 def tile_plan(
-    data, adata: AnnData, *, tile_size: int, mpp: float, image_key: str | None
+    data,
+    adata: AnnData,
+    *,
+    tile_size: int,
+    mpp: float,
+    image_key: str | None,
+    allow_upsampling: bool = False,
+    warn: bool = True,
 ) -> tuple[ImageLevel, np.ndarray, float]:
-    """Choose the pyramid level and return ``(level, centres in level px, source px per tile px)``."""
+    """Choose the pyramid level and return ``(level, centres in level px, source px per tile px)``.
+
+    Checks the upsampling the tiles need (see :func:`check_upsampling`; ``warn=False`` only refuses).
+    """
     if tile_size < 1:
         raise ValueError(f"tile_size must be a positive number of pixels, got {tile_size}.")
     if not mpp or mpp <= 0:
@@ -150,14 +196,18 @@ def tile_plan(
     smpp = slide_mpp(adata)
     level = choose_level(levels, slide_mpp=smpp, target_mpp=mpp)
     xy = spot_coords(adata)
-    h0, w0 = levels[0].shape_yx
+    h0, w0 = levels[0].extent_yx
     out = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= w0) | (xy[:, 1] >= h0)
     if out.any():
-        raise ValueError(f"{int(out.sum())} spots lie outside the image ({w0} x {h0} px).")
-    return level, xy / level.downscale, mpp / (smpp * level.downscale)
+        raise ValueError(f"{int(out.sum())} spots lie outside the image ({w0:.0f} x {h0:.0f} coordinate units).")
+    scale = mpp / (smpp * level.downscale)
+    if warn or (1.0 / scale) > K.UPSAMPLING_MAX * 1.001:
+        check_upsampling(1.0 / scale, image_mpp=smpp * level.downscale, tile_mpp=mpp,
+                         allow_upsampling=allow_upsampling, adata=adata, stacklevel=4)
+    return level, xy / level.downscale, scale
 
 
-@doc_params(data=doc_data, table_key=doc_table_key)
+@doc_params(data=doc_data, table_key=doc_table_key, upsampling=doc_upsampling)
 def iter_tiles(
     data: SpatialData,
     *,
@@ -168,6 +218,7 @@ def iter_tiles(
     cval: int = 255,
     image_key: str | None = None,
     table_key: str | None = None,
+    allow_upsampling: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Iterate over spot tiles in batches, reading the slide block by block.
 
@@ -187,6 +238,7 @@ def iter_tiles(
     image_key
         Image element; defaults to the one recorded by the reader.
     {table_key}
+    {upsampling}
 
     Yields
     ------
@@ -200,13 +252,23 @@ def iter_tiles(
     from .._validate import check_number
 
     check_number("batch_size", batch_size, minimum=1, integer=True)
-    level, centers, scale = tile_plan(data, adata, tile_size=tile_size, mpp=mpp, image_key=image_key)
+    plan = tile_plan(data, adata, tile_size=tile_size, mpp=mpp, image_key=image_key, allow_upsampling=allow_upsampling)
+    yield from planned_batches(plan, tile_size=tile_size, batch_size=batch_size, pad_mode=pad_mode, cval=cval)
+
+
+def planned_batches(
+    plan: tuple[ImageLevel, np.ndarray, float], *, tile_size: int, batch_size: int, pad_mode: PadMode, cval: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The batches of :func:`iter_tiles` for a :func:`tile_plan` already made (and checked)."""
+    if pad_mode not in ("reflect", "constant"):
+        raise ValueError(f"pad_mode must be 'reflect' or 'constant', got {pad_mode!r}.")
+    level, centers, scale = plan
     for idx, tiles in extract_tiles(level, centers, size=tile_size, scale=scale, pad_mode=pad_mode, cval=cval):
         for s in range(0, len(idx), batch_size):  # no copies: views of each block's tiles
             yield idx[s : s + batch_size], tiles[s : s + batch_size]
 
 
-@doc_params(data=doc_data, table_key=doc_table_key)
+@doc_params(data=doc_data, table_key=doc_table_key, upsampling=doc_upsampling)
 def tiles(
     data: SpatialData,
     *,
@@ -217,6 +279,7 @@ def tiles(
     cval: int = 255,
     image_key: str | None = None,
     table_key: str | None = None,
+    allow_upsampling: bool = False,
 ) -> np.ndarray:
     """Tiles centred on the spots, in table order, at a physical scale.
 
@@ -240,13 +303,16 @@ def tiles(
     image_key
         Image element; defaults to the one recorded by the reader.
     {table_key}
+    {upsampling}
 
     Returns
     -------
     A ``(n_spots, tile_size, tile_size, 3)`` uint8 array.
     """
     adata = get_table(data, table_key)
-    level, centers, scale = tile_plan(data, adata, tile_size=tile_size, mpp=mpp, image_key=image_key)
+    level, centers, scale = tile_plan(
+        data, adata, tile_size=tile_size, mpp=mpp, image_key=image_key, allow_upsampling=allow_upsampling
+    )
     pos = np.arange(adata.n_obs)
     if spots is not None:
         spots = np.asarray(spots)
