@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -17,6 +18,9 @@ NOTEBOOKS = [
     "05_interpretability.ipynb",
 ]
 MAX_BYTES = 1_500_000
+QUIET = ["01_quickstart.ipynb"]
+"""Notebooks whose fresh run must print nothing on stderr: no warning, no log record, from any library."""
+WARNING_LINE = re.compile(r"\b[A-Z]\w*Warning\b:|\.py:\d+: ")
 
 
 def test_every_tutorial_is_listed():
@@ -78,3 +82,8 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     client.execute()  # raises CellExecutionError when a cell fails
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+    streams = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "stream"]
+    warned = [line for o in streams for line in o.text.splitlines() if WARNING_LINE.search(line)]
+    if name in QUIET:  # a fresh kernel running the quick start shows no warning from our stack (or any other)
+        stderr = [o.text for o in streams if o.name == "stderr"]
+        assert not warned and not stderr, f"{name} printed warnings / stderr: {warned or stderr}"

@@ -10,8 +10,14 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import datasets, io, pl, pp, tl
-from ._settings import settings
+from ._notices import silence_third_party_notices
+from ._progress import import_tqdm_auto
+
+import_tqdm_auto()  # before any dependency imports it: tqdm's "IProgress not found" notice, silenced once
+silence_third_party_notices()
+
+from . import datasets, io, pl, pp, tl  # noqa: E402
+from ._settings import settings  # noqa: E402
 
 try:
     __version__ = version("spatialtranscriptformer")
