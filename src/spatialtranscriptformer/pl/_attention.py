@@ -23,12 +23,15 @@ from ._utils import (
     DEFAULT_MAX_SIDE,
     as_list,
     check_save,
+    display_name,
     draw_spots,
     finish,
     make_axes,
     ncols_grid,
+    panel_width,
     single_slide_table,
     slide_view,
+    wrap_title,
 )
 
 if TYPE_CHECKING:
@@ -244,7 +247,7 @@ def attention(
         coll = draw_spots(
             a, view, vals, cmap=cmap, norm=Normalize(lo, hi if hi > lo else lo + 1e-12), alpha=alpha
         )
-        a.set_title(f"{name}\nattention, {layer_label}")
+        a.set_title(wrap_title(f"{display_name(name)}\nattention, {layer_label}", width_in=0.75 * panel_width(a, panel_size)))
         fig.colorbar(coll, ax=a, shrink=0.7, label="attention weight")
     for a in flat[len(chosen) :]:
         a.set_visible(False)

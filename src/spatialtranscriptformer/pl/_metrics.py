@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._docs import doc_params, doc_show_save
-from ._utils import check_save, finish
+from ._utils import check_save, figure_dpi, finish
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -137,7 +137,11 @@ def metrics(
         wide = agg.pivot(index="gene", columns="model", values=metric)[[xm, ym]].dropna()
         if wide.empty:
             raise ValueError(f"Models {xm!r} and {ym!r} share no gene with a finite {metric!r}.")
-    fig, a = plt.subplots(figsize=figsize or (5, 5), layout="constrained") if ax is None else (ax.figure, ax)
+    fig, a = (
+        plt.subplots(figsize=figsize or (5, 5), layout="constrained", dpi=figure_dpi())
+        if ax is None
+        else (ax.figure, ax)
+    )
 
     if kind == "scatter":
         a.scatter(wide[xm], wide[ym], s=14, alpha=0.7, color="C0", edgecolors="none")

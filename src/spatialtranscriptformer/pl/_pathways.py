@@ -22,13 +22,17 @@ from ._utils import (
     DEFAULT_MAX_SIDE,
     as_list,
     check_save,
+    display_name,
+    diverging_cmap,
     draw_spots,
     finish,
     make_axes,
     ncols_grid,
+    panel_width,
     pearson_label,
     single_slide_table,
     slide_view,
+    wrap_title,
 )
 
 if TYPE_CHECKING:
@@ -108,7 +112,7 @@ def pathways(
     crop: bool = True,
     show_image: bool = True,
     spot_scale: float = 1.0,
-    cmap: str = "RdBu_r",
+    cmap: str | None = None,
     center: float | None = 0.0,
     alpha: float = 1.0,
     panel_size: tuple[float, float] = (4.0, 4.0),
@@ -124,6 +128,7 @@ def pathways(
     expression-derived targets (``obsm['pathway_activity']``). With several ``key`` s, each pathway is a
     row and each key a column, and the panels after the first carry the Pearson r with the first key
     across spots. Each panel has its own colour scale (scores and targets live on different scales).
+    Titles drop the ``HALLMARK_`` prefix and wrap to the panel width.
 
     Parameters
     ----------
@@ -138,7 +143,9 @@ def pathways(
         Panels per row when a single ``key`` is shown.
     {slide_view}
     cmap
-        Colormap (diverging by default).
+        Colormap; ``None``: a diverging map that is dark (not white) at ``center`` when the scores straddle
+        it — a near-zero spot stays visible on the pink/white H&E instead of looking like empty glass
+        (see :func:`~spatialtranscriptformer.pl._utils.diverging_cmap`) — else ``"viridis"``.
     center
         Value at the colormap's centre when the scores straddle it; ``None`` for a min-max scale.
     {spot_panels}
@@ -176,12 +183,16 @@ def pathways(
     for i, (name, k, df) in enumerate(panels):
         a = flat[i]
         vals = np.asarray(pd.to_numeric(df[name], errors="coerce"), dtype=float)
-        coll = draw_spots(a, view, vals, cmap=cmap, norm=score_norm(vals, center), alpha=alpha)
-        title = name
+        norm = score_norm(vals, center)
+        straddles = center is not None and norm.vmin < center < norm.vmax
+        cm = cmap if cmap is not None else (diverging_cmap() if straddles else "viridis")
+        coll = draw_spots(a, view, vals, cmap=cm, norm=norm, alpha=alpha)
+        title = display_name(name)
         if len(keys) > 1:
-            title = f"{name} · {k}"
-            if k != keys[0]:
-                title += pearson_label(np.asarray(frames[0][name], dtype=float), vals)
+            title = f"{title} · {k}"
+        title = wrap_title(title, width_in=0.75 * panel_width(a, panel_size))
+        if len(keys) > 1 and k != keys[0]:
+            title += pearson_label(np.asarray(frames[0][name], dtype=float), vals)
         a.set_title(title)
         fig.colorbar(coll, ax=a, shrink=0.7, label="score")
     for a in flat[len(panels) :]:

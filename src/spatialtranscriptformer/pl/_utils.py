@@ -22,6 +22,67 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_SIDE = 1000
 """Longest side (px) of the displayed H&E crop when no pyramid level is chosen."""
+MIN_DPI = 100
+"""Figures made by :mod:`spatialtranscriptformer.pl` have at least this resolution (dots per inch)."""
+DIVERGING_CMAP = "stf_diverging"
+"""Default colormap of signed scores (pathway activity) centred on 0: grey at 0, see :func:`diverging_cmap`."""
+
+
+def figure_dpi() -> float:
+    """The dpi of new figures: matplotlib's ``figure.dpi``, at least :data:`MIN_DPI`."""
+    import matplotlib as mpl
+
+    return max(float(mpl.rcParams["figure.dpi"]), MIN_DPI)
+
+
+def diverging_cmap():
+    """A diverging colormap that is neutral grey at its centre, for signed scores drawn over H&E.
+
+    Maps such as ``"RdBu_r"`` are white at 0: on an H&E a near-zero spot then looks like empty glass or
+    pale eosin, i.e. like no data. Here 0 is a mid grey (lightness ~60 %), unlike any stain colour, and
+    the colour saturates towards blue below and red above, darkening at the extremes (the blue and red
+    arms of ColorBrewer's RdBu, Harrower & Brewer 2003), so every spot stands out from the stain and the
+    sign stays readable.
+    """
+    import matplotlib as mpl
+    from matplotlib.colors import LinearSegmentedColormap
+
+    if DIVERGING_CMAP in mpl.colormaps:
+        return mpl.colormaps[DIVERGING_CMAP]
+    anchors = ["#053061", "#2166ac", "#4393c3", "#999999", "#d6604d", "#b2182b", "#67001f"]
+    cmap = LinearSegmentedColormap.from_list(DIVERGING_CMAP, anchors)
+    mpl.colormaps.register(cmap, name=DIVERGING_CMAP)
+    return cmap
+
+
+def display_name(name: str) -> str:
+    """A pathway name for a title: without the MSigDB ``HALLMARK_`` prefix, underscores as spaces."""
+    text = str(name)
+    if text.upper().startswith("HALLMARK_"):
+        text = text[len("HALLMARK_") :]
+    return text.replace("_", " ")
+
+
+def panel_width(ax, panel_size: tuple[float, float]) -> float:
+    """Width (inches) a panel title may take: the figure's width per column for the user's axes, else the panel's."""
+    try:
+        fig_w = ax.figure.get_figwidth()
+        ncols = ax.get_subplotspec().get_gridspec().ncols
+        return min(float(panel_size[0]), fig_w / ncols)
+    except AttributeError:  # axes not on a grid
+        return float(panel_size[0])
+
+
+def wrap_title(text: str, *, width_in: float, fontsize: float | None = None) -> str:
+    """Wrap each line of ``text`` to the width of a panel of ``width_in`` inches (so it never runs over a colorbar)."""
+    import textwrap
+
+    import matplotlib as mpl
+    from matplotlib.font_manager import FontProperties
+
+    size = fontsize or FontProperties(size=mpl.rcParams["axes.titlesize"]).get_size_in_points()
+    chars = max(8, int(width_in * 72 / (0.72 * size)))  # upper-case glyphs are ~0.7 em wide
+    return "\n".join(textwrap.fill(line, width=chars, break_on_hyphens=False) or line for line in text.split("\n"))
 
 
 @dataclass
@@ -195,21 +256,27 @@ def slide_view(
                 )
             logger.info("No image %r in the SpatialData; drawing spots only.", key)
         else:
+            from ..pp._image import units_per_pixel
+
             levels = _pyramid(data.images[key])
+            unit = units_per_pixel(data.images[key], name=key)  # coordinate units per level-0 pixel
             full_hw = tuple(int(s) for s in levels[0].shape[-2:])
+            extent_hw = (full_hw[0] * unit, full_hw[1] * unit)
             if level is not None:
                 if not -len(levels) <= level < len(levels):
                     raise ValueError(f"`level={level}`: image {key!r} has {len(levels)} pyramid levels.")
                 idx = level % len(levels)
             else:
-                bx0, bx1, by0, by1 = _crop_box(coords, radius, full_hw, crop, 0.25)
-                side = max(bx1 - bx0, by1 - by0)
+                bx0, bx1, by0, by1 = _crop_box(coords, radius, extent_hw, crop, 0.25)
+                side = max(bx1 - bx0, by1 - by0) / unit
                 idx = 0
                 for i, lv in enumerate(levels[1:], start=1):
                     if side * lv.shape[-1] / full_hw[1] >= max_side:
                         idx = i
-            box = _crop_box(coords, radius, full_hw, crop, 0.25)
+            box = tuple(b / unit for b in _crop_box(coords, radius, extent_hw, crop, 0.25))
             image, extent, scale = _read_level(levels, idx, box)
+            extent = tuple(e * unit for e in extent)
+            scale = scale / unit
             xlim, ylim = (extent[0], extent[1]), (extent[2], extent[3])
     elif show_image and isinstance(getattr(adata, "uns", {}).get("spatial"), dict) and adata.uns["spatial"]:
         lib = next(iter(adata.uns["spatial"].values()))
@@ -269,7 +336,7 @@ def draw_spots(ax: Axes, view: SlideView, values: np.ndarray, *, cmap, norm, alp
 def make_axes(
     nrows: int, ncols: int, *, ax: Axes | Sequence[Axes] | None, panel_size: tuple[float, float]
 ) -> tuple[Figure, np.ndarray]:
-    """Make a (nrows, ncols) array of axes: new ones, or the user's ``ax`` (one per panel)."""
+    """Make a (nrows, ncols) array of axes: new ones (at :func:`figure_dpi`), or the user's ``ax`` (one per panel)."""
     import matplotlib.pyplot as plt
 
     n = nrows * ncols
@@ -280,6 +347,7 @@ def make_axes(
             figsize=(panel_size[0] * ncols, panel_size[1] * nrows),
             squeeze=False,
             layout="constrained",
+            dpi=figure_dpi(),
         )
         return fig, axes
     axs = np.atleast_1d(np.asarray(ax, dtype=object)).ravel()
