@@ -15,6 +15,16 @@ import spatialtranscriptformer as stf
 PATHWAYS = ["HALLMARK_HYPOXIA", "HALLMARK_EPITHELIAL_MESENCHYMAL_TRANSITION", "HALLMARK_G2M_CHECKPOINT"]
 
 
+def short(name: str) -> str:
+    """A pathway as panel titles show it: no HALLMARK_ prefix, spaces for underscores."""
+    return name.removeprefix("HALLMARK_").replace("_", " ")
+
+
+def flat(title: str) -> str:
+    """A title with its wrapping undone."""
+    return " ".join(title.split())
+
+
 @pytest.fixture(autouse=True)
 def _close_figures():
     yield
@@ -187,7 +197,8 @@ def test_pathways_grid_and_names(slide, tmp_path):
     )
     assert out.is_file()
     assert axs.shape == (2, 2)
-    assert [a.get_title() for a in axs.ravel()[:3]] == [PATHWAYS[0], PATHWAYS[2], PATHWAYS[1]]
+    # titles: without the HALLMARK_ prefix, underscores as spaces (wrapped to the panel)
+    assert [flat(a.get_title()) for a in axs.ravel()[:3]] == [short(PATHWAYS[i]) for i in (0, 2, 1)]
     assert not axs[1, 1].get_visible()
     vals = np.asarray(collections_of(axs[0, 0])[0].get_array())
     np.testing.assert_allclose(vals, table.obsm["stf_pathways"][PATHWAYS[0]].to_numpy())
@@ -203,8 +214,8 @@ def test_pathways_targets_vs_predictions(slide):
     r = np.corrcoef(table.obsm["pathway_activity"][PATHWAYS[0]], table.obsm["stf_pathways"][PATHWAYS[0]])[
         0, 1
     ]
-    assert axs[0, 0].get_title() == f"{PATHWAYS[0]} · pathway_activity"
-    assert axs[0, 1].get_title() == f"{PATHWAYS[0]} · stf_pathways\nPearson r = {r:.2f}"
+    assert flat(axs[0, 0].get_title()) == f"{short(PATHWAYS[0])} · pathway_activity"
+    assert flat(axs[0, 1].get_title()) == f"{short(PATHWAYS[0])} · stf_pathways Pearson r = {r:.2f}"
 
 
 def test_pathways_bad_input(slide):
@@ -327,7 +338,7 @@ def test_attention_from_module_maps(slide):
 
     axs = stf.pl.attention(Fitted(), slide, weights=maps, layer=0, pathway="hypoxia", show=False)
     assert axs.shape == (1, 1)
-    assert axs[0, 0].get_title() == f"{PATHWAYS[0]}\nattention, layer 0"
+    assert flat(axs[0, 0].get_title()) == f"{short(PATHWAYS[0])} attention, layer 0"
     expected = maps[0][0].mean(0)[0, n_path:]
     np.testing.assert_allclose(np.asarray(collections_of(axs[0, 0])[0].get_array()), expected)
     assert_unchanged(before, table)
@@ -337,7 +348,7 @@ def test_attention_arrays_and_model_method(slide, tmp_path):
     table = slide.tables["table"]
     w = np.random.default_rng(3).random((3, table.n_obs))
     axs = stf.pl.attention(None, table, weights=w, show_image=False, show=False)
-    assert [a.get_title() for a in axs.ravel()] == [f"token {i}\nattention, last layer" for i in range(3)]
+    assert [flat(a.get_title()) for a in axs.ravel()] == [f"token {i} attention, last layer" for i in range(3)]
 
     class Fitted:
         def attention(self, data, *, layer, table_key):
@@ -345,7 +356,7 @@ def test_attention_arrays_and_model_method(slide, tmp_path):
 
     out = tmp_path / "att.png"
     axs = stf.pl.attention(Fitted(), slide, pathway=[2], max_side=400, save=out, show=False)
-    assert out.is_file() and axs[0, 0].get_title().startswith(PATHWAYS[2])
+    assert out.is_file() and flat(axs[0, 0].get_title()).startswith(short(PATHWAYS[2]))
     with pytest.raises(TypeError, match="weights="):
         stf.pl.attention(object(), slide, show=False)
     with pytest.raises(ValueError, match="S = "):
@@ -369,7 +380,7 @@ def test_attention_runs_the_fitted_module(slide):
     fitted = types.SimpleNamespace(module=module, embedding_key="X_test", pathways=PATHWAYS)
     before = snapshot(table)
     axs = stf.pl.attention(fitted, table, layer=1, show_image=False, device="cpu", show=False)
-    assert [a.get_title() for a in axs.ravel()] == [f"{p}\nattention, layer 1" for p in PATHWAYS]
+    assert [flat(a.get_title()) for a in axs.ravel()] == [f"{short(p)} attention, layer 1" for p in PATHWAYS]
     xy = torch.from_numpy((table.obsm["spatial"] * table.uns["stf_slide"]["mpp"]).astype(np.float32))[None]
     with torch.inference_mode():
         out = module.eval()(
