@@ -18,8 +18,9 @@ NOTEBOOKS = [
     "05_interpretability.ipynb",
 ]
 MAX_BYTES = 1_500_000
-QUIET = ["01_quickstart.ipynb"]
-"""Notebooks whose fresh run must print nothing on stderr: no warning, no log record, from any library."""
+QUIET = ["01_quickstart.ipynb", "03_benchmarking.ipynb", "04_superresolution.ipynb", "05_interpretability.ipynb"]
+"""Notebooks whose fresh run must print nothing on stderr: no warning, no log record, from any library (02 shows
+the warnings a user's Visium folder gives on purpose: a blank hires PNG, scanpy's reader notice)."""
 WARNING_LINE = re.compile(r"\b[A-Z]\w*Warning\b:|\.py:\d+: ")
 
 
@@ -84,6 +85,6 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     assert not errors
     streams = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "stream"]
     warned = [line for o in streams for line in o.text.splitlines() if WARNING_LINE.search(line)]
-    if name in QUIET:  # a fresh kernel running the quick start shows no warning from our stack (or any other)
+    if name in QUIET:  # a fresh kernel shows no warning from our stack (or any other)
         stderr = [o.text for o in streams if o.name == "stderr"]
         assert not warned and not stderr, f"{name} printed warnings / stderr: {warned or stderr}"
