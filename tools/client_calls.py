@@ -125,7 +125,8 @@ def call_sq_autocorr(sdata, table, gene):
     import squidpy as sq
 
     t = table.copy()
-    sq.gr.spatial_neighbors(t)
+    knn = getattr(sq.gr, "spatial_neighbors_knn", None)  # squidpy >= 1.8; spatial_neighbors goes in 1.9
+    knn(t, n_neighs=6) if knn is not None else sq.gr.spatial_neighbors(t)
     sq.gr.spatial_autocorr(t, mode="moran", genes=[gene], n_perms=None)
     i = float(t.uns["moranI"].loc[gene, "I"])
     if not np.isfinite(i):
