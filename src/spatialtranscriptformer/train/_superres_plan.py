@@ -1,8 +1,9 @@
 """Lightning training of the 2 µm super-resolution decoder.
 
-Poisson negative log-likelihood on raw counts at 2/4/8/16 µm, where the coarser rates are sum-pooled
-from the 2 µm rates (``avg_pool2d(x, k) * k**2``) and every scale is masked to tissue; the four losses
-are balanced by GradNorm (Chen et al. 2018, α = 1.5, its own learning rate 0.025). ``loss="mse"`` fits
+The exact Poisson negative log-likelihood (``λ - k log λ + log k!``, never negative) of the raw counts at
+2/4/8/16 µm, where the coarser rates are sum-pooled from the 2 µm rates (``avg_pool2d(x, k) * k**2``) and
+every scale is masked to tissue; the four losses are balanced by GradNorm (Chen et al. 2018, α = 1.5, its
+own learning rate 0.025), which needs positive losses (ratios to their initial values). ``loss="mse"`` fits
 z-scored log1p counts with a masked mean squared error instead (the baseline of the design). AdamW
 (lr 5e-5) with a linear warm-up over the first epochs, gradient accumulation, early stopping on the
 validation loss, mixed precision on GPU.
@@ -90,7 +91,11 @@ class SuperResPlan(L.LightningModule):
         if loss == "mse" and zstats is None:
             raise ValueError("loss='mse' needs the z-score statistics (zstats).")
         self.decoder, self.loss_name, self.scales = decoder, loss, tuple(int(s) for s in scales)
-        self.gradnorm = GradNorm(len(self.scales), alpha=alpha, lr=gradnorm_lr) if gradnorm else None
+        self.gradnorm = (
+            GradNorm(len(self.scales), alpha=alpha, lr=gradnorm_lr, names=[f"{s} µm" for s in self.scales])
+            if gradnorm
+            else None
+        )
         self.lr, self.weight_decay, self.warmup_epochs = lr, weight_decay, warmup_epochs
         self.register_buffer("zstats", torch.as_tensor(zstats if zstats is not None else np.zeros((0, 0, 2))))
 
@@ -99,7 +104,12 @@ class SuperResPlan(L.LightningModule):
         return self.decoder(tokens)
 
     def scale_losses(self, out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-        """One masked loss per scale (mean over tissue bins and genes)."""
+        """One masked loss per scale (mean over tissue bins and genes).
+
+        Poisson: the exact negative log-likelihood ``λ - k log λ + log Γ(k + 1)`` of the (sum-pooled)
+        counts ``k`` under the (sum-pooled) rates ``λ``, which is never negative. MSE: the squared error of
+        the z-scored log1p counts (the prediction averaged over the tissue bins of a pooled bin).
+        """
         out = out.float()
         m = mask[:, None]
         losses = []
@@ -109,10 +119,10 @@ class SuperResPlan(L.LightningModule):
             mk = (F.avg_pool2d(m, f) >= 0.5).float() if f > 1 else m
             if self.loss_name == "poisson":
                 if f == 1:
-                    nll = torch.exp(out) - yk * out
+                    nll = torch.exp(out) - yk * out + torch.lgamma(yk + 1)
                 else:
                     rate = _pool_sum(torch.exp(out) * m, f)
-                    nll = rate - yk * torch.log(rate + 1e-8)
+                    nll = rate - yk * torch.log(rate + 1e-8) + torch.lgamma(yk + 1)
             else:
                 mu, sd = self.zstats[s, :, 0][None, :, None, None], self.zstats[s, :, 1][None, :, None, None]
                 pred = F.avg_pool2d(out * m, f) / F.avg_pool2d(m, f).clamp_min(1e-6) if f > 1 else out
@@ -128,14 +138,20 @@ class SuperResPlan(L.LightningModule):
         return torch.expm1(out.float() * sd + mu).clamp_min(0.0)
 
     def training_step(self, batch, batch_idx):
-        """Weighted multi-scale loss; GradNorm updates its weights first."""
+        """Weighted multi-scale loss ``sum_i w_i(t) L_i``; GradNorm then updates the weights to ``w_i(t+1)``.
+
+        Logged per epoch (means over the steps): each scale's loss, and with GradNorm its weight
+        ``w_<s>um`` and relative inverse training rate ``r_<s>um``.
+        """
         tokens, y, mask = batch
         losses = self.scale_losses(self(tokens), y, mask)
         if self.gradnorm is not None:
-            self.gradnorm.step(losses, self.decoder.shared_layer)
-            loss = self.gradnorm.weighted(losses)
+            loss = self.gradnorm.weighted(losses)  # w_i(t), as in Chen et al.'s Algorithm 1
             for s, w in zip(self.scales, self.gradnorm.weights.detach(), strict=True):
                 self.log(f"w_{s}um", w, on_step=False, on_epoch=True)
+            self.gradnorm.step(losses, self.decoder.shared_layer)
+            for s, r in zip(self.scales, self.gradnorm.last_ratio, strict=True):
+                self.log(f"r_{s}um", r.clone(), on_step=False, on_epoch=True)
         else:
             loss = sum(losses) / len(losses)
         for s, lk in zip(self.scales, losses, strict=True):
