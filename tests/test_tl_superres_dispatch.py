@@ -22,16 +22,17 @@ def _rebuildable_tiny_backbone():
 @pytest.mark.slow
 def test_fit_predict_evaluate_dispatch_superres(tmp_path):
     slides = stf.datasets.synthetic(technology="visium_hd", bin_size_um=2, size_um=128, n_genes=8, n_pathways=2,
-                                    n_slides=2, n_patients=2, seed=3)
-    model = stf.tl.fit(slides, model="superres", genes=4, max_epochs=1, backbone=_rebuildable_tiny_backbone(), patch_um=64,
+                                    n_slides=3, n_patients=3, seed=3)
+    test = slides[2]  # held out: neither trained nor validated on
+    model = stf.tl.fit(slides[:2], model="superres", genes=4, max_epochs=1, backbone=_rebuildable_tiny_backbone(), patch_um=64,
                        batch_size=4, accumulate_grad_batches=1, hidden=8, progress=False,
                        cache_dir=tmp_path / "cache", devices=1)
     assert isinstance(model, stf.tl.SuperResModel) and len(model.genes) == 4
-    res = stf.tl.evaluate(slides[1], model=model)
+    res = stf.tl.evaluate(test, model=model)
     assert set(res["scale_um"]) == {2, 4, 8, 16} and res["pcc"].notna().all()
     model.save(tmp_path / "sr")
-    stf.tl.predict(slides[1], tmp_path / "sr")  # a saved folder is recognised by its format
-    el = slides[1].images[K.SUPERRES_KEY]
+    stf.tl.predict(test, tmp_path / "sr")  # a saved folder is recognised by its format
+    el = test.images[K.SUPERRES_KEY]
     assert np.asarray(el["scale0"]["image"].values).shape[0] == 4
     with pytest.raises(TypeError, match="only used for super-resolution"):
-        stf.tl.evaluate(slides[1], model="stf")
+        stf.tl.evaluate(test, model="stf")

@@ -7,6 +7,7 @@ from ._fit import fit
 from ._model import TrainedModel
 from ._predict import predict
 from ._superres import SuperResModel, fit_superres
+from ._superres_cv import cross_validate_superres
 from ._superres_evaluate import evaluate_superres
 from ._superres_predict import predict_superres
 
@@ -15,6 +16,7 @@ __all__ = [
     "TrainedModel",
     "benchmark",
     "cross_validate",
+    "cross_validate_superres",
     "evaluate",
     "evaluate_superres",
     "fit",

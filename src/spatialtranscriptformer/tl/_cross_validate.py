@@ -42,7 +42,8 @@ def cross_validate(
     ----------
     {data}
     model
-        Model name passed to :func:`~spatialtranscriptformer.tl.fit`.
+        Model name passed to :func:`~spatialtranscriptformer.tl.fit`; ``"superres"`` runs
+        :func:`~spatialtranscriptformer.tl.cross_validate_superres` (``fit_kwargs`` go to ``fit_superres``).
     groups
         ``"patient"`` (leave one patient out) or ``"slide"``. Fewer than two groups is a ``ValueError``.
     slide_key, patient_key
@@ -62,6 +63,13 @@ def cross_validate(
     column (the held-out group). ``result.attrs`` maps each fold to its training history
     (``"histories"``), its genes (``"genes"``) and its validation slides (``"val_slides"``).
     """
+    if model == "superres":  # 2 µm super-resolution: the same folds over the slides' patients
+        from ._superres_cv import cross_validate_superres
+
+        if (slide_key, patient_key, layer, log_transform) != (K.SLIDE_KEY, K.PATIENT_KEY, K.COUNTS_LAYER, True):
+            raise ValueError("slide_key, patient_key, layer and log_transform do not apply to model='superres' "
+                             "(patients come from uns['stf_slide'], targets are raw 2 µm counts).")
+        return cross_validate_superres(data, groups=groups, table_key=table_key, progress=progress, **fit_kwargs)
     from ..train._data import collect_slides
     from ..train._splits import leave_one_group_out
     from ._evaluate import evaluate

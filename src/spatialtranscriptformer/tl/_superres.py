@@ -180,10 +180,11 @@ def slide_tokens(
     )
 
 
-def _split(patches, val_patient: str | bool | None, seed: int):
-    pids = np.unique(patches.patient_ids)
+def _split(patient_ids: np.ndarray, val_patient: str | bool | None, seed: int):
+    """Training and validation patch indices: one patient held out, or (one patient) 20% of the patches."""
+    pids = np.unique(patient_ids)
     if val_patient is False:
-        return np.arange(len(patches)), np.array([], dtype=int)
+        return np.arange(len(patient_ids)), np.array([], dtype=int)
     if val_patient is None:
         if len(pids) >= 2:
             val_patient = str(pids[-1])
@@ -193,12 +194,12 @@ def _split(patches, val_patient: str | bool | None, seed: int):
                 stacklevel=3,
             )
             rng = np.random.default_rng(seed)
-            perm = rng.permutation(len(patches))
-            n_val = max(1, len(patches) // 5)
+            perm = rng.permutation(len(patient_ids))
+            n_val = max(1, len(patient_ids) // 5)
             return np.sort(perm[n_val:]), np.sort(perm[:n_val])
     if str(val_patient) not in set(pids.astype(str)):
         raise ValueError(f"val_patient {val_patient!r} not found; patients: {pids.tolist()}.")
-    val = patches.patient_ids == str(val_patient)
+    val = patient_ids == str(val_patient)
     if val.all():
         raise ValueError(f"All patches belong to val_patient {val_patient!r}; nothing left to train on.")
     return np.flatnonzero(~val), np.flatnonzero(val)
@@ -253,7 +254,10 @@ def fit_superres(
     weights
         Backbone weights (path, ``None`` = Hugging Face cache, ``"random"`` for tests only).
     genes
-        Number of top-variance genes (50) or a list.
+        Number of top-variance genes (50), chosen on the training patches only (never on the validation
+        patient), or a list of genes. Held-out test slides must not be passed here at all: evaluate them
+        with :func:`~spatialtranscriptformer.tl.evaluate_superres` (or use
+        :func:`~spatialtranscriptformer.tl.cross_validate_superres`).
     patch_um
         Patch edge in µm (multiple of 16); the 2 µm raster is ``patch_um / 2`` bins wide.
     loss
@@ -267,8 +271,10 @@ def fit_superres(
     hidden, n_layers
         Decoder width and transformer depth.
     val_patient
-        Patient held out for validation/early stopping; ``None``: the last patient (a random 20% of the
-        patches, with a warning, when there is one patient); ``False``: no validation.
+        Patient held out for validation: early stopping and the choice of the best epoch's weights.
+        ``None``: the last patient (a random 20% of the patches, with a warning, when there is one
+        patient); ``False``: no validation (the last epoch's weights). The validation patient selects the
+        model, so its scores are not held-out scores: test on patients not passed to this function.
     max_epochs, batch_size, accumulate_grad_batches, lr, warmup_epochs, patience
         Optimisation (the design: 30 epochs, 8 x 4 accumulation, 5e-5, 2 warm-up epochs).
     min_tissue
@@ -294,15 +300,16 @@ def fit_superres(
 
     from ..module._superres import SuperResDecoder
     from ..pp._backbones import Backbone, get_backbone
-    from ..train._superres_data import superres_targets
+    from ..train._superres_data import patch_layout, select_genes
     from ..train._superres_plan import PatchDataset, SuperResPlan, train_superres, zscore_stats
 
     progress = settings.progress if progress is None else progress
     slides = as_slide_list(data)
-    patches = superres_targets(
-        slides, genes=genes, patch_um=patch_um, values="counts", min_tissue=min_tissue, table_key=table_key
-    )
-    tr, va = _split(patches, val_patient, seed)
+    layout = patch_layout(slides, patch_um=patch_um, values="counts", min_tissue=min_tissue, table_key=table_key)
+    tr, va = _split(layout.patient_ids, val_patient, seed)
+    # top genes from the training patches only: no validation bin takes part in choosing them
+    gene_list = select_genes(layout.tables, genes, layer=layout.layer, rows=layout.rows(tr))
+    patches = layout.rasters(gene_list)
     bb = backbone if isinstance(backbone, Backbone) else get_backbone(backbone, weights=weights)
     cache = Path(cache_dir) if cache_dir is not None else settings.cache_dir / "superres"
     cache.mkdir(parents=True, exist_ok=True)
@@ -390,7 +397,9 @@ def fit_superres(
         "seed": seed,
         "train_patches": int(len(tr)),
         "val_patches": int(len(va)),
+        "train_patients": sorted(set(patches.patient_ids[tr].tolist())),
         "val_patients": sorted(set(patches.patient_ids[va].tolist())),
+        "gene_selection": "given" if not isinstance(genes, int | np.integer) else "training patches",
     }
     return SuperResModel(
         plan.cpu(),

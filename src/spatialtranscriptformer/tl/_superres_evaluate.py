@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -105,7 +106,9 @@ def evaluate_superres(
     aggregate
         Return the mean PCC / SSIM / non-zero fraction per scale (rows: scales) instead of per gene.
     patient
-        Evaluate only the patches of this patient (e.g. the held-out one).
+        Evaluate only the patches of this patient (e.g. the held-out one). Patients the model was trained
+        or validated on (``model.params['train_patients']``/``['val_patients']``) give a warning: their
+        scores are not held out.
     scales
         Scales in µm.
     table_key, image_key
@@ -142,6 +145,15 @@ def evaluate_superres(
                 f"No patch of patient {patient!r}; patients: {sorted(set(patches.patient_ids))}."
             )
         patches = patches.subset(keep)
+    used = set(model.params.get("train_patients", [])) | set(model.params.get("val_patients", []))
+    overlap = sorted(used & set(patches.patient_ids.tolist()))
+    if overlap:
+        warnings.warn(
+            f"Evaluating on patient(s) {overlap} whose patches trained or validated (early stopping, best "
+            "epoch) this model (matched by patient id): these scores are not held-out scores. Evaluate on "
+            "patients not passed to `fit_superres`, or use `stf.tl.cross_validate_superres`.",
+            stacklevel=2,
+        )
     pred = np.empty_like(patches.values)
     for i, s in enumerate(slides):
         sel = np.flatnonzero(patches.slide_index == i)

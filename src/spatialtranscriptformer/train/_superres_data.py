@@ -121,8 +121,20 @@ def bin_grid(adata) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rows - rows.min(), cols - cols.min(), affine
 
 
-def select_genes(tables: Sequence[Any], genes: int | Sequence[str], *, layer: str | None) -> list[str]:
-    """``genes`` itself (all present, else ``KeyError``) or the top-``genes`` by variance over all bins."""
+def select_genes(
+    tables: Sequence[Any],
+    genes: int | Sequence[str],
+    *,
+    layer: str | None,
+    rows: Sequence[np.ndarray | None] | None = None,
+) -> list[str]:
+    """``genes`` itself (all present, else ``KeyError``) or the top-``genes`` by variance.
+
+    The variance of the raw counts per bin is computed per table over the bins ``rows[i]`` of table ``i``
+    (all bins when ``rows`` or ``rows[i]`` is ``None``; a table with an empty selection is skipped) and
+    summed over tables. Pass the bins of the training patches only, so that no held-out bin takes part
+    in choosing the genes.
+    """
     common = list(tables[0].var_names)
     for t in tables[1:]:
         common = [g for g in common if g in set(t.var_names)]
@@ -138,9 +150,15 @@ def select_genes(tables: Sequence[Any], genes: int | Sequence[str], *, layer: st
         raise ValueError(
             f"genes must be between 1 and {len(common)} (genes shared by all slides), got {genes}."
         )
+    rows = [None] * len(tables) if rows is None else list(rows)
     var = np.zeros(len(common))
-    for t in tables:
-        X = _matrix(t, layer)[:, t.var_names.get_indexer(common)]
+    for t, r in zip(tables, rows, strict=True):
+        X = _matrix(t, layer)
+        if r is not None:
+            if not len(r):
+                continue
+            X = X[np.asarray(r)]
+        X = X[:, t.var_names.get_indexer(common)]
         mean = np.asarray(X.mean(0)).ravel()
         sq = np.asarray(X.multiply(X).mean(0)).ravel() if sp.issparse(X) else (X**2).mean(0)
         var += sq - mean**2
@@ -152,36 +170,77 @@ def _matrix(adata, layer: str | None):
     return X if sp.issparse(X) else np.asarray(X)
 
 
-def superres_targets(
+@dataclass
+class PatchLayout:
+    """Where the tissue patches of one or several slides lie, before any gene is chosen.
+
+    ``bins[k]`` are the table rows (2 µm bins) of patch ``k`` in table ``tables[slide_index[k]]`` and
+    ``local[k]`` their (row, column) inside the patch raster.
+    """
+
+    tables: list
+    bins: list[np.ndarray]
+    local: list[tuple[np.ndarray, np.ndarray]]
+    centers_px: np.ndarray
+    patch_px: np.ndarray
+    origin_rc: np.ndarray
+    slide_index: np.ndarray
+    slide_ids: np.ndarray
+    patient_ids: np.ndarray
+    patch_um: int
+    values: str
+    layer: str | None
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def rows(self, idx: np.ndarray | None = None) -> list[np.ndarray]:
+        """Per table, the bins (table rows) of the patches ``idx`` (default: all patches)."""
+        idx = np.arange(len(self)) if idx is None else np.asarray(idx, dtype=int)
+        out = [[] for _ in self.tables]
+        for k in idx:
+            out[self.slide_index[k]].append(self.bins[k])
+        return [np.concatenate(b) if b else np.array([], dtype=np.int64) for b in out]
+
+    def rasters(self, genes: Sequence[str]) -> SuperresPatches:
+        """The patch rasters of ``genes`` (all patches)."""
+        genes = [str(g) for g in genes]
+        S = self.patch_um // BIN_UM
+        vals = np.zeros((len(self), len(genes), S, S), dtype=np.float32)
+        mask = np.zeros((len(self), S, S), dtype=bool)
+        mats = []
+        for t in self.tables:
+            gi = t.var_names.get_indexer(genes)
+            M = t.obsm[self.values][:, gi] if self.values != "counts" else _matrix(t, self.layer)[:, gi]
+            mats.append(sp.csr_matrix(M) if not sp.issparse(M) else M.tocsr())
+        for k, (idx, (lr, lc)) in enumerate(zip(self.bins, self.local, strict=True)):
+            vals[k][:, lr, lc] = mats[self.slide_index[k]][idx].toarray().T
+            mask[k][lr, lc] = True
+        return SuperresPatches(
+            vals,
+            mask,
+            genes,
+            self.centers_px,
+            self.patch_px,
+            self.origin_rc,
+            self.slide_index,
+            self.slide_ids,
+            self.patient_ids,
+            int(self.patch_um),
+            {"values": self.values, "layer": self.layer},
+        )
+
+
+def patch_layout(
     data,
     *,
-    genes: int | Sequence[str] = 50,
     patch_um: int = 256,
     values: str = "counts",
     layer: str | None = K.COUNTS_LAYER,
     min_tissue: float = 0.05,
     table_key: str | None = None,
-) -> SuperresPatches:
-    """Patch rasters from Visium HD slides with 2 µm bins.
-
-    Parameters
-    ----------
-    data
-        One slide or a list (SpatialData or AnnData tables) with 2 µm bins.
-    genes
-        Number of top-variance genes, or a list of genes.
-    patch_um
-        Patch edge in µm (a multiple of 16 µm, so that every scale tiles it exactly).
-    values
-        ``"counts"`` (raw integer counts, from ``layer``) or an ``obsm`` key with per-bin values in the
-        order of ``var_names`` (e.g. the simulator's ``"true_rates"``).
-    layer
-        Layer with the raw counts (``None`` or absent: ``X``).
-    min_tissue
-        Keep patches with at least this fraction of tissue bins.
-    table_key
-        Table of a SpatialData.
-    """
+) -> PatchLayout:
+    """Validate Visium HD slides with 2 µm bins and lay their tissue patches out (see :func:`superres_targets`)."""
     if not isinstance(patch_um, int | np.integer) or patch_um <= 0 or patch_um % 16:
         raise ValueError(
             f"patch_um must be a positive multiple of 16 µm (2/4/8/16 µm scales tile it), got {patch_um!r}."
@@ -202,15 +261,11 @@ def superres_targets(
         raise KeyError(
             f"`obsm[{values!r}]` not found in every slide; use values='counts' or an existing obsm key."
         )
-    genes = select_genes(tables, genes, layer=layer)
     S = patch_um // BIN_UM
-    out: dict[str, list] = {k: [] for k in ("v", "m", "c", "p", "o", "si", "sid", "pid")}
+    out: dict[str, list] = {k: [] for k in ("b", "l", "c", "p", "o", "si", "sid", "pid")}
     for i, t in enumerate(tables):
         meta = slide_meta(t)
         rows, cols, aff = bin_grid(t)
-        gi = t.var_names.get_indexer(genes)
-        M = t.obsm[values][:, gi] if values != "counts" else _matrix(t, layer)[:, gi]
-        M = sp.csr_matrix(M) if not sp.issparse(M) else M.tocsr()
         pr, pc = rows // S, cols // S
         key = pr * (pc.max() + 1) + pc
         order = np.argsort(key, kind="stable")
@@ -220,29 +275,23 @@ def superres_targets(
             if len(idx) < min_tissue * S * S:
                 continue
             r0, c0 = int(pr[idx[0]]) * S, int(pc[idx[0]]) * S
-            lr, lc = rows[idx] - r0, cols[idx] - c0
-            raster = np.zeros((len(genes), S, S), dtype=np.float32)
-            raster[:, lr, lc] = M[idx].toarray().T
-            mask = np.zeros((S, S), dtype=bool)
-            mask[lr, lc] = True
-            out["v"].append(raster)
-            out["m"].append(mask)
+            out["b"].append(idx)
+            out["l"].append((rows[idx] - r0, cols[idx] - c0))
             out["c"].append(np.array([c0 + (S - 1) / 2, r0 + (S - 1) / 2, 1.0]) @ aff)
             out["p"].append(S * px_per_bin)
             out["o"].append((r0, c0))
             out["si"].append(i)
             out["sid"].append(str(meta.get("slide_id", f"slide_{i}")))
             out["pid"].append(str(meta.get("patient_id", meta.get("slide_id", f"slide_{i}"))))
-    if not out["v"]:
+    if not out["b"]:
         raise ValueError(
             f"No {patch_um} µm patch has at least {min_tissue:.0%} tissue bins: the tissue mask is empty "
             "(no bins in the table?)."
         )
-    logger.info("super-resolution targets: %d patches x %d genes", len(out["v"]), len(genes))
-    return SuperresPatches(
-        np.stack(out["v"]),
-        np.stack(out["m"]),
-        genes,
+    return PatchLayout(
+        tables,
+        out["b"],
+        out["l"],
         np.asarray(out["c"]),
         np.asarray(out["p"], dtype=float),
         np.asarray(out["o"]),
@@ -250,8 +299,49 @@ def superres_targets(
         np.asarray(out["sid"]),
         np.asarray(out["pid"]),
         int(patch_um),
-        {"values": values, "layer": layer},
+        values,
+        layer,
     )
+
+
+def superres_targets(
+    data,
+    *,
+    genes: int | Sequence[str] = 50,
+    patch_um: int = 256,
+    values: str = "counts",
+    layer: str | None = K.COUNTS_LAYER,
+    min_tissue: float = 0.05,
+    table_key: str | None = None,
+) -> SuperresPatches:
+    """Patch rasters from Visium HD slides with 2 µm bins.
+
+    Parameters
+    ----------
+    data
+        One slide or a list (SpatialData or AnnData tables) with 2 µm bins.
+    genes
+        Number of top-variance genes (chosen over all bins of all slides given: pass the training slides
+        only, or a gene list chosen on them), or a list of genes.
+    patch_um
+        Patch edge in µm (a multiple of 16 µm, so that every scale tiles it exactly).
+    values
+        ``"counts"`` (raw integer counts, from ``layer``) or an ``obsm`` key with per-bin values in the
+        order of ``var_names`` (e.g. the simulator's ``"true_rates"``).
+    layer
+        Layer with the raw counts (``None`` or absent: ``X``).
+    min_tissue
+        Keep patches with at least this fraction of tissue bins.
+    table_key
+        Table of a SpatialData.
+    """
+    layout = patch_layout(
+        data, patch_um=patch_um, values=values, layer=layer, min_tissue=min_tissue, table_key=table_key
+    )
+    genes = select_genes(layout.tables, genes, layer=layer)
+    patches = layout.rasters(genes)
+    logger.info("super-resolution targets: %d patches x %d genes", len(patches), len(genes))
+    return patches
 
 
 def patch_tokens(
