@@ -1,5 +1,7 @@
 """2 µm Poisson super-resolution: targets, decoder, GradNorm, training, prediction, metrics, bad input."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -34,8 +36,9 @@ def tiny_backbone():
 
 @pytest.fixture(scope="module")
 def hd_slides():
+    """Three patients: P0 trains, P1 validates (early stopping, best epoch), P2 is the held-out test."""
     return stf.datasets.synthetic(
-        technology="visium_hd", bin_size_um=2, size_um=192, n_genes=16, n_pathways=4, n_slides=2, n_patients=2
+        technology="visium_hd", bin_size_um=2, size_um=192, n_genes=16, n_pathways=4, n_slides=3, n_patients=3
     )
 
 
@@ -44,7 +47,7 @@ def model(hd_slides, tmp_path_factory):
     from spatialtranscriptformer.tl._superres import fit_superres
 
     return fit_superres(
-        hd_slides,
+        hd_slides[:2],
         backbone=tiny_backbone(),
         genes=6,
         patch_um=64,
@@ -63,7 +66,7 @@ def test_targets_rasters_and_pooling(hd_slides):
 
     p = superres_targets(hd_slides, genes=5, patch_um=64)
     assert p.values.shape[1:] == (5, 32, 32) and p.mask.shape[1:] == (32, 32)
-    assert set(p.patient_ids) == {"P0", "P1"}
+    assert set(p.patient_ids) == {"P0", "P1", "P2"}
     # rasters hold exactly the table's counts of the chosen genes in the kept patches
     a = hd_slides[0].tables[K.TABLE_KEY]
     gi = a.var_names.get_indexer(p.genes)
@@ -112,27 +115,6 @@ def test_decoder_shapes(arch):
         SuperResDecoder(24, 5, arch="resnet")
 
 
-def test_gradnorm_balances_and_renormalises():
-    from spatialtranscriptformer.module._gradnorm import GradNorm
-
-    torch.manual_seed(0)
-    w = torch.nn.Parameter(torch.randn(4, 4))
-    gn = GradNorm(2, alpha=1.5, lr=0.025)
-    x = torch.randn(16, 4)
-    for _ in range(40):
-        out = x @ w
-        losses = [
-            out[:, 0].pow(2).mean() * 100.0,
-            out[:, 1].pow(2).mean(),
-        ]  # task 0 has 100x larger gradients
-        gn.step(losses, w)
-    weights = gn.weights.detach()
-    assert weights.sum().item() == pytest.approx(2.0, abs=1e-5)
-    assert weights[0] < weights[1]  # the task with the larger gradient is down-weighted
-    with pytest.raises(ValueError, match="losses"):
-        gn.step(losses[:1], w)
-
-
 def test_poisson_loss_pools_sums():
     from spatialtranscriptformer.module._superres import SuperResDecoder
     from spatialtranscriptformer.train._superres_plan import SuperResPlan
@@ -159,15 +141,26 @@ def test_fit_evaluate_predict(hd_slides, model, tmp_path):
     from spatialtranscriptformer.tl._superres_evaluate import evaluate_superres
     from spatialtranscriptformer.tl._superres_predict import predict_superres
 
-    assert model.params["val_patients"] == ["P1"] and len(model.history) == 2
-    assert {"train_loss", "val_loss", "w_2um"} <= set(model.history.columns)
-    res = evaluate_superres(hd_slides[1], model, truth="true_rates", progress=False)
+    assert model.params["train_patients"] == ["P0"] and model.params["val_patients"] == ["P1"]
+    assert len(model.history) == 2
+    hist = model.history
+    assert {"train_loss", "val_loss", "w_2um", "r_16um"} <= set(hist.columns)
+    w = hist[[f"w_{s}um" for s in (2, 4, 8, 16)]].to_numpy()
+    assert np.isfinite(w).all() and (w > 0).all() and (hist["train_loss_16um"] > 0).all()
+    np.testing.assert_allclose(w.sum(1), 4.0, rtol=1e-4)  # epoch means of weights renormalised to 4
+    test = hd_slides[2]  # patient P2: neither trained nor validated on
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a held-out patient: no "not held-out" warning
+        res = evaluate_superres(test, model, truth="true_rates", progress=False)
     assert set(res["scale_um"]) == {2, 4, 8, 16} and len(res) == 4 * len(model.genes)
     assert res["pcc"].notna().all() and res["ssim"].notna().all() and (res["n_bins"] > 0).all()
-    agg = evaluate_superres(hd_slides[1], model, aggregate=True, progress=False)
+    agg = evaluate_superres(test, model, aggregate=True, progress=False)
     assert list(agg.index) == [2, 4, 8, 16] and agg["mean_frac_nonzero"].between(0, 1).all()
+    # scoring the validation (or training) patient is flagged: it selected the model
+    with pytest.warns(UserWarning, match=r"\['P1'\].*not held-out"):
+        evaluate_superres(hd_slides[1], model, aggregate=True, progress=False)
 
-    sd = hd_slides[1]
+    sd = test
     table = sd.tables[K.TABLE_KEY]
     before = set(sd.images)
     store = tmp_path / "pred.zarr"
@@ -186,12 +179,12 @@ def test_fit_evaluate_predict(hd_slides, model, tmp_path):
     # plots: H&E | 8/4/2 µm | truth per gene, and the whole-slide mosaic
     import matplotlib.pyplot as plt
 
-    fig = stf.pl.superres(sd, genes=model.genes[:2], truth="true_rates", region_um=(0, 0, 128, 128))
+    fig = stf.pl.superres(sd, genes=model.genes[:2], truth="true_rates", region_um=(0, 0, 128, 128), return_fig=True)
     assert len(fig.axes) == 2 * 5 and fig.axes[1].get_images()[0].get_array().shape == (16, 16)
     assert fig.axes[3].get_images()[0].get_array().shape == (64, 64)
     assert fig.axes[4].get_images()[0].get_array().shape == (64, 64)
-    fig2 = stf.pl.superres(sd, genes=model.genes[0], mosaic=True)
-    assert len(fig2.axes) == 3
+    axs = stf.pl.superres_mosaic(sd, genes=model.genes[0], truth="counts", min_counts=1, n_patches=4, show=False)
+    assert axs.shape == (1, 2) and "PCC" in axs[0, 1].get_title()
     plt.close("all")
     with pytest.raises(KeyError, match="not in the prediction"):
         stf.pl.superres(sd, genes=["NOPE"])
