@@ -1,11 +1,14 @@
 """Benchmark of the 2 µm Poisson super-resolution on simulated Visium HD slides (CPU, tiny backbone).
 
-1. Accuracy table: masked PCC and SSIM at 2/4/8/16 µm against the known rates of the held-out patient,
-   Poisson vs MSE-on-z-scores, with and without GradNorm.
+1. Accuracy table: masked PCC and SSIM at 2/4/8/16 µm against the known rates of a held-out test patient,
+   Poisson vs MSE-on-z-scores, with and without GradNorm, mean ± sd over seeds. Leak-free: per seed four
+   simulated patients; P0 and P1 train (and choose the genes), P2 validates (best epoch), P3 is tested and
+   never seen before. Plus GradNorm's weight trajectories (with the relative inverse training rates).
 2. Peak RSS increase of whole-slide prediction at 1x and 4x the slide area (should stay flat).
 3. Patches/s of training (cached token grids) and of prediction (backbone + decoder + zarr writes).
 
-Run: ``python benchmarks/bench_superres.py [--quick]``.
+Run: ``python benchmarks/bench_superres.py [--quick] [--part accuracy|memory] [--seeds 3]``; the accuracy
+table is also written to ``benchmarks/results/superres_accuracy.md``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from _common import write_result
 
 
 def tiny_backbone(input_size: int = 64):
@@ -44,65 +49,112 @@ def tiny_backbone(input_size: int = 64):
     return Backbone(spec, model.eval())
 
 
-def accuracy(args) -> None:
-    import pandas as pd
+CONFIGS = (("poisson", True), ("poisson", False), ("mse", True), ("mse", False))
+SCALES = (2, 4, 8, 16)
 
+
+def _fit_eval(args, seed: int, cache: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """One seed: simulate four patients; train on P0+P1, validate on P2 (early stopping, best epoch), test P3.
+
+    Genes are chosen on the training patches only (inside ``fit_superres``); the test patient is never
+    passed to ``fit_superres``. Returns the accuracy rows, speed rows and GradNorm weight rows.
+    """
     import spatialtranscriptformer as stf
     from spatialtranscriptformer.tl._superres import fit_superres
     from spatialtranscriptformer.tl._superres_evaluate import evaluate_superres
 
     slides = stf.datasets.synthetic(
-        technology="visium_hd",
-        bin_size_um=2,
-        size_um=args.size_um,
-        n_genes=30,
-        n_pathways=6,
-        n_slides=3,
-        n_patients=3,
-        seed=args.seed,
+        technology="visium_hd", bin_size_um=2, size_um=args.size_um, n_genes=30, n_pathways=6,
+        n_slides=4, n_patients=4, seed=seed,
     )
+    fit_slides, test = slides[:3], slides[3]
     bb = tiny_backbone()
-    tables, speeds = [], []
+    acc, speeds, weights = [], [], []
+    for loss, gradnorm in CONFIGS:
+        t0 = time.perf_counter()
+        m = fit_superres(
+            fit_slides, backbone=bb, genes=args.genes, patch_um=args.patch_um, loss=loss, gradnorm=gradnorm,
+            val_patient="P2", max_epochs=args.epochs, batch_size=8, accumulate_grad_batches=1, lr=args.lr,
+            hidden=32, patience=args.patience, progress=False, cache_dir=cache, seed=seed,
+        )
+        dt = time.perf_counter() - t0
+        assert m.params["train_patients"] == ["P0", "P1"] and m.params["val_patients"] == ["P2"]
+        speeds.append({"loss": loss, "gradnorm": gradnorm, "seed": seed, "fit_s": dt,
+                       "train_patches_per_s": m.params["train_patches"] * len(m.history) / dt})
+        res = evaluate_superres(test, m, truth=args.truth, progress=False)
+        agg = res.groupby("scale_um")[["pcc", "ssim"]].mean()
+        for scale, row in agg.iterrows():
+            acc.append({"loss": loss, "gradnorm": gradnorm, "seed": seed, "scale_um": int(scale),
+                        "pcc": row.pcc, "ssim": row.ssim, "best_epoch": m.best_epoch})
+        if gradnorm:
+            for _, h in m.history.iterrows():
+                weights.append({"loss": loss, "seed": seed, "epoch": int(h["epoch"]),
+                                **{f"w_{s}um": h[f"w_{s}um"] for s in SCALES},
+                                **{f"r_{s}um": h[f"r_{s}um"] for s in SCALES},
+                                **{f"L_{s}um": h[f"train_loss_{s}um"] for s in SCALES}})
+    return acc, speeds, weights
+
+
+def accuracy(args) -> None:
+    import numpy as np
+    import pandas as pd
+
     cache = tempfile.mkdtemp(prefix="bench_sr_")
+    acc, speeds, weights = [], [], []
+    for seed in range(args.seed, args.seed + args.seeds):
+        a, s, w = _fit_eval(args, seed, cache)
+        acc += a
+        speeds += s
+        weights += w
+        print(f"seed {seed} done", flush=True)
+    acc = pd.DataFrame(acc)
+    lines = [
+        f"== masked PCC / SSIM vs {args.truth!r} of the held-out test patient P3 (trained on P0+P1, validated "
+        f"on P2; mean over {args.genes} genes; mean ± sd over {args.seeds} seeds; {args.epochs} epochs, "
+        f"patience {args.patience}) ==",
+    ]
+    header = "| loss | GradNorm | " + " | ".join(f"PCC {s} µm" for s in SCALES) + " | "
+    header += " | ".join(f"SSIM {s} µm" for s in SCALES) + " | best epoch |"
+    lines += [header, "|" + "---|" * (3 + 2 * len(SCALES))]
+    for loss, gradnorm in CONFIGS:
+        sub = acc[(acc["loss"] == loss) & (acc["gradnorm"] == gradnorm)]
+        cells = []
+        for metric in ("pcc", "ssim"):
+            for s in SCALES:
+                v = sub.loc[sub["scale_um"] == s, metric]
+                cells.append(f"{v.mean():.3f} ± {v.std(ddof=1):.3f}")
+        be = sub.drop_duplicates("seed")["best_epoch"]
+        lines.append(f"| {loss} | {'yes' if gradnorm else 'no'} | " + " | ".join(cells)
+                     + f" | {be.mean():.1f} ({', '.join(str(int(b)) for b in be)}) |")
+    w = pd.DataFrame(weights)
+    n_ep = int(w["epoch"].max()) + 1
+    marks = sorted({0, n_ep // 4, n_ep // 2, 3 * n_ep // 4, n_ep - 1})
+    lines += ["", "== GradNorm weights w_s (epoch means; sum 4), relative inverse training rates r_s and "
+              "L_s / L_s(epoch 0): mean over seeds (min-max) =="]
     for loss in ("poisson", "mse"):
-        for gradnorm in (True, False):
-            t0 = time.perf_counter()
-            m = fit_superres(
-                slides,
-                backbone=bb,
-                genes=args.genes,
-                patch_um=args.patch_um,
-                loss=loss,
-                gradnorm=gradnorm,
-                max_epochs=args.epochs,
-                batch_size=8,
-                accumulate_grad_batches=1,
-                lr=args.lr,
-                hidden=32,
-                patience=None,
-                progress=False,
-                cache_dir=cache,
-                seed=args.seed,
-            )
-            dt = time.perf_counter() - t0
-            n_train = m.params["train_patches"] * args.epochs
-            speeds.append(
-                {"loss": loss, "gradnorm": gradnorm, "fit_s": dt, "train_patches_per_s": n_train / dt}
-            )
-            held = m.params["val_patients"][0]
-            res = evaluate_superres(slides, m, truth="true_rates", patient=held, progress=False)
-            agg = res.groupby("scale_um")[["pcc", "ssim"]].mean()
-            for scale, row in agg.iterrows():
-                tables.append(
-                    {"loss": loss, "gradnorm": gradnorm, "scale_um": scale, "pcc": row.pcc, "ssim": row.ssim}
-                )
-    tab = pd.DataFrame(tables).pivot_table(
-        index=["loss", "gradnorm"], columns="scale_um", values=["pcc", "ssim"]
-    )
-    print("\n== accuracy vs known rates, held-out patient (mean over genes) ==")
-    print(tab.round(3).to_string())
-    print("\n== training speed (token grids cached; includes Lightning start-up) ==")
-    print(pd.DataFrame(speeds).round(2).to_string(index=False))
+        sub = w[w["loss"] == loss]
+        lines.append(f"-- {loss} --")
+        lines.append("| epoch | " + " | ".join(f"w {s} µm" for s in SCALES) + " | "
+                     + " | ".join(f"r {s} µm" for s in SCALES) + " | "
+                     + " | ".join(f"L/L0 {s} µm" for s in SCALES) + " |")
+        lines.append("|" + "---|" * (1 + 3 * len(SCALES)))
+        first = sub[sub["epoch"] == 0].set_index("seed")
+        for e in marks:
+            row = sub[sub["epoch"] == e].set_index("seed")
+            cells = []
+            for s in SCALES:
+                v = row[f"w_{s}um"]
+                cells.append(f"{v.mean():.2f} ({v.min():.2f}-{v.max():.2f})")
+            cells += [f"{row[f'r_{s}um'].mean():.3f}" for s in SCALES]
+            cells += [f"{(row[f'L_{s}um'] / first[f'L_{s}um']).mean():.3f}" for s in SCALES]
+            lines.append(f"| {e} | " + " | ".join(cells) + " |")
+        wf = sub[sub["epoch"] == n_ep - 1][[f"w_{s}um" for s in SCALES]].to_numpy()
+        assert np.isfinite(wf).all(), "non-finite GradNorm weights"
+    sp = pd.DataFrame(speeds).groupby(["loss", "gradnorm"])[["fit_s", "train_patches_per_s"]].mean()
+    lines += ["", "== training speed (token grids cached; includes Lightning start-up; mean over seeds) ==",
+              sp.round(2).to_string()]
+    text = "\n".join(lines) + "\n"
+    write_result("superres_accuracy", text)
 
 
 def _rss_mb() -> float:
@@ -182,21 +234,31 @@ def main() -> None:
     import torch
 
     p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--child", nargs=2, default=None)
+    p.add_argument("--quick", action="store_true", help="smaller slides and fewer epochs")
+    p.add_argument("--part", choices=["all", "accuracy", "memory"], default="all")
+    p.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed (simulation and training)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds of the accuracy table")
+    p.add_argument("--epochs", type=int, default=None, help="default 30 (--quick: 8)")
+    p.add_argument("--patience", type=int, default=None, help="early-stopping patience (default: none)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--truth", default="true_rates", help="'true_rates' (simulated rates) or 'counts'")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
         predict_child(float(args.child[0]), int(args.child[1]))
         return
-    args.size_um, args.patch_um, args.genes, args.epochs, args.lr = 384, 64, 10, 30, 3e-3
+    args.size_um, args.patch_um, args.genes = 384, 64, 10
     args.pred_size_um = 1024
+    epochs = 30
     if args.quick:
-        args.size_um, args.epochs, args.pred_size_um = 256, 8, 512
-    memory(args)
-    accuracy(args)
+        args.size_um, epochs, args.pred_size_um = 256, 8, 512
+    args.epochs = epochs if args.epochs is None else args.epochs
+    if args.part in ("all", "memory"):
+        memory(args)
+    if args.part in ("all", "accuracy"):
+        accuracy(args)
 
 
 if __name__ == "__main__":
