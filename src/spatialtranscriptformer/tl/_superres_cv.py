@@ -59,8 +59,8 @@ def cross_validate_superres(
 
     Returns
     -------
-    The :func:`~spatialtranscriptformer.tl.evaluate_superres` tables of the held-out folds (columns ``fold,
-    gene, scale_um, pcc, ssim, frac_nonzero, n_bins``). ``result.attrs`` maps each fold to its genes
+    The :func:`~spatialtranscriptformer.tl.evaluate_superres` tables of the held-out folds, with a
+    ``fold`` column (the held-out patient or slide). ``result.attrs`` maps each fold to its genes
     (``"genes"``), training and validation patients (``"train_patients"``, ``"val_patients"``), best epoch
     (``"best_epoch"``) and training history (``"histories"``, with GradNorm's per-epoch weights
     ``w_<s>um``).
