@@ -190,3 +190,29 @@ def test_compute_loss_errors():
         compute_loss({"expr": pred}, batch, loss="mse_pcc", pcc_weight=-1.0)
     with pytest.raises(ValueError, match="shape"):
         compute_loss({"expr": pred[:, :, :2]}, batch, loss="mse")
+
+
+def test_stats_collapse_index_morans_i_and_rank_agreement():
+    import anndata as ad
+    import squidpy as sq
+
+    from spatialtranscriptformer._stats import collapse_index, column_pearson, morans_i, rank_agreement
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 10, size=(150, 2))
+    smooth, noise = np.sin(xy[:, 0]), rng.normal(size=150)
+    v = np.c_[smooth, noise, np.full(150, 2.0), np.cos(xy[:, 1])]
+    mi = morans_i(v, xy)
+    # squidpy's estimator on squidpy's 6-nearest-neighbour graph
+    a = ad.AnnData(v[:, [0, 1, 3]], obsm={"spatial": xy})
+    knn = getattr(sq.gr, "spatial_neighbors_knn", None)
+    knn(a, n_neighs=6) if knn is not None else sq.gr.spatial_neighbors(a, coord_type="generic", n_neighs=6)
+    ref = sq.gr.spatial_autocorr(a, mode="moran", n_perms=None, copy=True, show_progress_bar=False)
+    np.testing.assert_allclose(mi[[0, 1, 3]], ref.loc[a.var_names, "I"].to_numpy(), rtol=1e-8)
+    assert mi[2] == 0.0 and mi[0] > 0.5 and abs(mi[1]) < 0.1
+    assert rank_agreement([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert np.isnan(rank_agreement([1, 2], [1, 2]))
+    one_map = np.c_[smooth, 2 * smooth + 1, -smooth]
+    assert collapse_index(one_map) == pytest.approx(1.0)
+    assert collapse_index(np.c_[smooth, noise, rng.normal(size=150)]) < 0.2
+    assert column_pearson(np.c_[np.ones(5), np.arange(5.0)], np.c_[np.arange(5.0), np.ones(5)]).tolist()[0] == 0.0

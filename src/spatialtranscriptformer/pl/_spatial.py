@@ -25,6 +25,7 @@ from ._utils import (
     draw_spots,
     finish,
     make_axes,
+    outline_spots,
     pearson_label,
     single_slide_table,
     slide_view,
@@ -87,6 +88,7 @@ def spatial(
     spot_scale: float = 1.0,
     cmap: str = "viridis",
     alpha: float = 1.0,
+    highlight: str | None = None,
     panel_size: tuple[float, float] = (4.0, 4.0),
     ax: Axes | Sequence[Axes] | None = None,
     show: bool | None = None,
@@ -118,6 +120,10 @@ def spatial(
     {slide_view}
     cmap
         Colormap.
+    highlight
+        A boolean ``obs`` column (e.g. the held-out spots of a split): those spots are outlined and the
+        Pearson r in the titles is computed on them only (a model scored on its own training spots
+        looks better than it is).
     {spot_panels}
     {show_save}
 
@@ -156,6 +162,16 @@ def spatial(
                 v = np.log1p(v)
             values[(g, layer)] = v
 
+    mask = None
+    if highlight is not None:
+        if highlight not in adata.obs:
+            raise KeyError(f"`highlight`: no obs column {highlight!r}; available: {list(adata.obs.columns)[:10]}.")
+        col = adata.obs[highlight]
+        if col.dtype != bool or col.isna().any():
+            raise ValueError(f"`highlight`: obs[{highlight!r}] must be a boolean column (True = highlighted spot).")
+        mask = col.to_numpy(dtype=bool)
+        if not mask.any():
+            raise ValueError(f"`highlight`: obs[{highlight!r}] marks no spot.")
     view = slide_view(
         data,
         adata,
@@ -177,9 +193,12 @@ def spatial(
         for j, layer in enumerate(layers):
             a = axes[i, j]
             coll = draw_spots(a, view, values[(g, layer)], cmap=cmap, norm=norm, alpha=alpha)
+            if mask is not None:
+                outline_spots(a, view, mask)
             title = f"{g} · {layer}"
             if j > 0:
-                title += pearson_label(ref, values[(g, layer)])
+                sel = slice(None) if mask is None else mask
+                title += pearson_label(ref[sel], values[(g, layer)][sel], suffix="" if mask is None else f" ({highlight.removeprefix('stf_').replace('_', '-')})")
             a.set_title(title)
         label = "log1p expression" if to_log & set(layers) else "expression"
         fig.colorbar(coll, ax=list(axes[i, :]), shrink=0.8, label=label)

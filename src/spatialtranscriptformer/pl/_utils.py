@@ -387,20 +387,40 @@ def finish(
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson r over the entries finite in both (NaN when fewer than 3 or a constant vector)."""
+    """Pearson r of ``y`` against reference ``x`` over the entries finite in both.
+
+    NaN when fewer than 3 entries or a constant reference; 0 for a constant ``y`` (a collapsed prediction
+    scores 0, as in :func:`~spatialtranscriptformer.tl.evaluate`).
+    """
+    from .._stats import column_pearson
+
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     m = np.isfinite(x) & np.isfinite(y)
     if m.sum() < 3:
         return float("nan")
-    x, y = x[m] - x[m].mean(), y[m] - y[m].mean()
-    den = np.sqrt((x * x).sum() * (y * y).sum())
-    return float((x * y).sum() / den) if den > 0 else float("nan")
+    return float(column_pearson(y[m, None], x[m, None])[0])
 
 
-def pearson_label(ref: np.ndarray, values: np.ndarray) -> str:
+def pearson_label(ref: np.ndarray, values: np.ndarray, *, suffix: str = "") -> str:
     """Panel-title line with the Pearson r of ``values`` against ``ref`` (``n/a`` when undefined)."""
     r = pearson(ref, values)
-    return f"\nPearson r = {r:.2f}" if np.isfinite(r) else "\nPearson r = n/a"
+    return f"\nPearson r{suffix} = {r:.2f}" if np.isfinite(r) else f"\nPearson r{suffix} = n/a"
+
+
+def outline_spots(ax: Axes, view: SlideView, mask: np.ndarray, *, color: str = "black") -> None:
+    """Outline the spots where ``mask`` is True (e.g. a held-out region) on a panel drawn by :func:`draw_spots`."""
+    from matplotlib.collections import EllipseCollection, PolyCollection
+
+    coords, radius = view.coords[mask], view.radius[mask]
+    if view.shape == "square":
+        unit = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=float)[None]
+        coll = PolyCollection(coords[:, None, :] + unit * radius[:, None, None], facecolors="none",
+                              edgecolors=color, linewidths=0.8)
+    else:
+        d = 2 * radius
+        coll = EllipseCollection(d, d, np.zeros_like(d), units="xy", offsets=coords,
+                                 offset_transform=ax.transData, facecolors="none", edgecolors=color, linewidths=0.8)
+    ax.add_collection(coll)
 
 
 def as_list(value, *, name: str) -> list:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from scipy.stats import rankdata
 
 from .. import _constants as K
 from .._data import as_slide_list, get_table
@@ -20,23 +19,23 @@ if TYPE_CHECKING:
 
     from ._superres import SuperResModel
 
-COLUMNS = ["feature_type", "gene", "slide", "level", "pearson", "spearman", "mse", "n_spots"]
+GENE_COLUMNS = ["gene", "slide", "level", "pearson", "spearman", "mse", "n_spots", "collapsed", "moran_true",
+                "moran_pred"]
+PATHWAY_COLUMNS = ["pathway", "slide", "pearson", "spearman", "n_spots", "collapsed"]
 
 
 def column_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson r between matching columns of ``a`` and ``b`` (NaN where either is constant)."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    ac, bc = a - a.mean(0), b - b.mean(0)
-    den = np.sqrt((ac**2).sum(0) * (bc**2).sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (ac * bc).sum(0) / den
-    return np.where(den > 1e-12 * max(1.0, float(np.abs(den).max(initial=0))), r, np.nan)
+    """Pearson r between matching columns of prediction ``a`` and truth ``b`` (see :mod:`.._stats`)."""
+    from .._stats import column_pearson as cp
+
+    return cp(a, b)
 
 
 def column_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman rho between matching columns (Pearson r of average ranks)."""
-    return column_pearson(rankdata(a, axis=0), rankdata(b, axis=0))
+    """Spearman rho between matching columns of prediction ``a`` and truth ``b``."""
+    from .._stats import column_spearman as cs
+
+    return cs(a, b)
 
 
 def _to_space(x: np.ndarray, space: str, log_transform: bool) -> np.ndarray:
@@ -47,14 +46,59 @@ def _to_space(x: np.ndarray, space: str, log_transform: bool) -> np.ndarray:
     return x
 
 
-def _rows(ftype, names, slide, level, pred, true, n, *, mse=True) -> list[dict]:
+def spot_predictions(t: AnnData, pred_key: str, i: int) -> tuple[list[str], np.ndarray, dict]:
+    """Genes, ``(n_obs, G)`` predictions and ``uns`` info written by :func:`~spatialtranscriptformer.tl.predict`."""
+    if pred_key not in t.uns:
+        raise KeyError(f"Slide {i}: no predictions `uns[{pred_key!r}]`; run `stf.tl.predict` first.")
+    info = t.uns[pred_key]
+    if info.get("level", "spot") != "spot":
+        return [], np.zeros((t.n_obs, 0)), info
+    in_layer = list(info.get("genes", []))
+    in_obsm = list(info.get("obsm_genes", []))
+    parts = []
+    if in_layer:
+        blk = t.layers[pred_key][:, t.var_names.get_indexer(in_layer)]
+        parts.append(blk.toarray() if sp.issparse(blk) else np.asarray(blk))
+    if in_obsm:
+        parts.append(np.asarray(t.obsm[pred_key][in_obsm], dtype=np.float64))
+    pred = np.concatenate(parts, axis=1) if parts else np.zeros((t.n_obs, 0))
+    return in_layer + in_obsm, np.asarray(pred, dtype=np.float64), info
+
+
+def _gene_rows(genes, slide, pred, true, coords, *, spatial: bool) -> list[dict]:
+    from .._stats import constant_columns, morans_i
+
     pr, sr = column_pearson(pred, true), column_spearman(pred, true)
-    err = ((pred - true) ** 2).mean(0) if mse else np.full(len(names), np.nan)
+    err = ((pred - true) ** 2).mean(0)
+    collapsed = constant_columns(pred)
+    if spatial and coords is not None and len(true) >= 3:
+        mt, mp = morans_i(true, coords), morans_i(pred, coords)
+    else:
+        mt = mp = np.full(len(genes), np.nan)
     return [
-        {"feature_type": ftype, "gene": g, "slide": slide, "level": level, "pearson": pr[j], "spearman": sr[j],
-         "mse": float(err[j]), "n_spots": n}
-        for j, g in enumerate(names)
+        {"gene": g, "slide": slide, "level": "spot", "pearson": pr[j], "spearman": sr[j], "mse": float(err[j]),
+         "n_spots": len(true), "collapsed": bool(collapsed[j]), "moran_true": mt[j], "moran_pred": mp[j]}
+        for j, g in enumerate(genes)
     ]
+
+
+def summarize_genes(res: pd.DataFrame) -> dict:
+    """Per-slide summary of a gene table from :func:`evaluate`.
+
+    Mean r (collapsed genes count as 0), the numbers of collapsed and undefined genes, and the rank
+    agreement (Spearman) between observed and predicted Moran's I over genes.
+    """
+    from .._stats import mean_r, rank_agreement
+
+    out = {}
+    for slide, d in res[res["level"] == "spot"].groupby("slide", sort=False):
+        out[str(slide)] = {
+            "mean_pearson": mean_r(d["pearson"].to_numpy(dtype=float)),
+            "n_genes": len(d), "n_collapsed": int(d["collapsed"].sum()),
+            "n_undefined": int(d["pearson"].isna().sum()),
+            "moran_rank_agreement": rank_agreement(d["moran_true"].to_numpy(float), d["moran_pred"].to_numpy(float)),
+        }
+    return out
 
 
 @doc_params(data=doc_slides, table_key=doc_table_key)
@@ -62,11 +106,13 @@ def evaluate(
     data: AnnData | SpatialData | Sequence[AnnData | SpatialData],
     *,
     model: SuperResModel | None = None,
+    features: Literal["genes", "pathways"] = "genes",
     pred_key: str = K.PRED_KEY,
     true_layer: str | None = K.COUNTS_LAYER,
     log_transform: bool = True,
     pathway_key: str = K.PRED_PATHWAY_KEY,
     true_pathway_key: str = K.PATHWAY_KEY,
+    spatial: bool = True,
     slide_key: str = K.SLIDE_KEY,
     min_counts: float = 1,
     table_key: str | None = None,
@@ -74,9 +120,15 @@ def evaluate(
     """Compare predictions written by :func:`~spatialtranscriptformer.tl.predict` with measured expression.
 
     Metrics follow HEST-Benchmark (Jaume et al. 2024): Pearson r per gene across the spots of each slide
-    (on log1p counts), plus Spearman rho and the mean squared error. Spots failing QC (total counts in
-    ``true_layer`` < ``min_counts``) are left out. A correlation is NaN where the truth or the prediction
-    is constant (undefined).
+    (on log1p counts), plus Spearman rho, the mean squared error and, with ``spatial``, Moran's I of the
+    measured and of the predicted map of every gene (squidpy's estimator on a 6-nearest-neighbour graph;
+    a model that reproduces spatial structure ranks genes by Moran's I as the data do). Spots failing QC
+    (total counts in ``true_layer`` < ``min_counts``) are left out everywhere.
+
+    Failure is never hidden: a prediction that is constant over a slide (a collapsed model) scores r = 0
+    and is flagged in ``collapsed``; r is NaN only where the *measured* values are constant. Genes and
+    pathways are evaluated by separate calls (``features``) so that their scores are never averaged
+    together.
 
     Parameters
     ----------
@@ -86,6 +138,11 @@ def evaluate(
         bins per gene and scale (masked PCC and SSIM, non-zero fraction; see
         :func:`~spatialtranscriptformer.tl.evaluate_superres`). Spot models are evaluated from the
         predictions already written by :func:`~spatialtranscriptformer.tl.predict`.
+    features
+        ``"genes"``: predicted expression vs measured counts; ``"pathways"``: predicted pathway scores
+        (``obsm[pathway_key]``) vs pathway activity computed from *all* measured genes
+        (``obsm[true_pathway_key]`` from :func:`~spatialtranscriptformer.pp.pathway_activity`, computed
+        on the fly with the Hallmark sets when absent).
     pred_key
         Key given to :func:`~spatialtranscriptformer.tl.predict` as ``key_added``.
     true_layer
@@ -93,10 +150,9 @@ def evaluate(
     log_transform
         Compare on ``log1p`` counts (predictions in count space are ``log1p``-transformed too).
     pathway_key, true_pathway_key
-        ``obsm`` keys of predicted pathway scores and of pathway targets
-        (:func:`~spatialtranscriptformer.pp.pathway_activity`); where both exist, rows with
-        ``feature_type="pathway"`` compare them (the pathway name is in ``gene``; ``mse`` is NaN as the
-        two are on different scales).
+        ``obsm`` keys of predicted pathway scores and of pathway activity targets.
+    spatial
+        Compute Moran's I of measured and predicted maps (genes only).
     slide_key
         ``obs`` column splitting a table into slides.
     min_counts
@@ -105,13 +161,22 @@ def evaluate(
 
     Returns
     -------
-    A tidy :class:`~pandas.DataFrame` with columns ``feature_type`` (``"gene"`` / ``"pathway"``), ``gene``,
-    ``slide``, ``level``, ``pearson``, ``spearman``, ``mse`` and ``n_spots``. ``level="spot"`` rows are
-    per gene and slide (across spots). With at least three slides, ``level="slide"`` rows (``slide="all"``)
-    correlate the per-slide mean expression (pseudo-bulk) across slides; slide-level models only have those.
+    For ``features="genes"``, a tidy :class:`~pandas.DataFrame` with columns ``gene``, ``slide``, ``level``,
+    ``pearson``, ``spearman``, ``mse``, ``n_spots``, ``collapsed``, ``moran_true`` and ``moran_pred``.
+    ``level="spot"`` rows are per gene and slide (across spots). With at least three slides,
+    ``level="slide"`` rows (``slide="all"``) correlate the per-slide mean expression (pseudo-bulk) across
+    slides; slide-level models only have those. ``result.attrs["summary"]`` maps each slide to its mean
+    r (collapsed genes as 0), numbers of collapsed and undefined genes and the Moran's I rank agreement.
+
+    For ``features="pathways"``: columns ``pathway``, ``slide``, ``pearson``, ``spearman``, ``n_spots`` and
+    ``collapsed``; ``result.attrs["summary"]`` maps each slide to its mean r, the collapse index of the
+    predicted maps (median pairwise absolute r between pathway maps; 1 = one map under many names) and that
+    of the measured activities.
     """
     from ..train._data import collect_slides, counts_block, layer_of
 
+    if features not in ("genes", "pathways"):
+        raise ValueError(f"features must be 'genes' or 'pathways', got {features!r}.")
     if model is not None:  # 2 µm super-resolution: per gene and scale, masked PCC / SSIM
         from ._superres import SuperResModel
         from ._superres_evaluate import evaluate_superres
@@ -120,43 +185,37 @@ def evaluate(
             raise TypeError("`model=` is only used for super-resolution models; spot models are evaluated "
                             "from the predictions written by `stf.tl.predict` (`pred_key`).")
         return evaluate_superres(data, model, table_key=table_key)
+    tables = [get_table(d, table_key) for d in as_slide_list(data)]
+    if features == "pathways":
+        return _evaluate_pathways(tables, pathway_key=pathway_key, true_pathway_key=true_pathway_key,
+                                  true_layer=true_layer, slide_key=slide_key, min_counts=min_counts)
 
+    preds = [spot_predictions(t, pred_key, i) for i, t in enumerate(tables)]  # validate all first
+    for i, (t, (genes, _, info)) in enumerate(zip(tables, preds, strict=True)):
+        if genes or info.get("level", "spot") == "slide":
+            layer_of(t, true_layer, f"table {i}")
     rows: list[dict] = []
     bulk_pred, bulk_true, bulk_n, bulk_genes = [], [], [], None
-    for i, d in enumerate(as_slide_list(data)):
-        t = get_table(d, table_key)
-        if pred_key not in t.uns:
-            raise KeyError(f"Slide {i}: no predictions `uns[{pred_key!r}]`; run `stf.tl.predict` first.")
-        info = t.uns[pred_key]
+    for t, (genes, pred_all, info) in zip(tables, preds, strict=True):
         space = info.get("target_space", "log1p")
         level = info.get("level", "spot")
-        if level == "spot":
-            in_layer = [g for g in info.get("genes", [])]
-            in_obsm = [g for g in info.get("obsm_genes", []) if g in t.var_names]
-            genes = in_layer + in_obsm
-            parts = []
-            if in_layer:
-                lay = t.layers[pred_key]
-                blk = lay[:, t.var_names.get_indexer(in_layer)]
-                parts.append(blk.toarray() if sp.issparse(blk) else np.asarray(blk))
-            if in_obsm:
-                parts.append(np.asarray(t.obsm[pred_key][in_obsm], dtype=np.float64))
-            pred_all = np.concatenate(parts, axis=1) if parts else np.zeros((t.n_obs, 0))
-        else:
+        if level == "slide":
             slide_expr = info["slide_expr"]
             genes = [g for g in slide_expr.columns if g in t.var_names]
-        if genes:
-            layer_of(t, true_layer, f"table {i}")
+        else:
+            keep_cols = [j for j, g in enumerate(genes) if g in t.var_names]
+            genes, pred_all = [genes[j] for j in keep_cols], pred_all[:, keep_cols]
+        if not genes:
+            continue
         for r in collect_slides(t, slide_key=slide_key):
-            if not genes:
-                continue
             y, tot = counts_block(r, genes, true_layer)
             keep = tot >= min_counts
             true = np.log1p(y[keep]) if log_transform else y[keep]
             n = int(keep.sum())
             if level == "spot":
-                pred = _to_space(pred_all[r.rows[keep]].astype(np.float64), space, log_transform)
-                rows += _rows("gene", genes, r.slide_id, "spot", pred, true, n)
+                pred = _to_space(pred_all[r.rows[keep]], space, log_transform)
+                coords = np.asarray(t.obsm[K.SPATIAL_KEY], dtype=np.float64)[r.rows[keep]] if spatial else None
+                rows += _gene_rows(genes, r.slide_id, pred, true, coords, spatial=spatial)
                 pb = pred.mean(0)
             else:
                 pb = _to_space(np.asarray(slide_expr.loc[r.slide_id, genes], dtype=np.float64), space, log_transform)
@@ -165,14 +224,58 @@ def evaluate(
                 bulk_pred.append(pb)
                 bulk_true.append(true.mean(0))
                 bulk_n.append(n)
-        if pathway_key in t.obsm and true_pathway_key in t.obsm:
-            pp_, tp = t.obsm[pathway_key], t.obsm[true_pathway_key]
-            shared = [c for c in pp_.columns if c in set(tp.columns)]
-            for r in collect_slides(t, slide_key=slide_key):
-                if shared:
-                    a = np.asarray(pp_[shared], dtype=np.float64)[r.rows]
-                    b = np.asarray(tp[shared], dtype=np.float64)[r.rows]
-                    rows += _rows("pathway", shared, r.slide_id, "spot", a, b, len(r.rows), mse=False)
     if len(bulk_pred) >= 3:
-        rows += _rows("gene", bulk_genes, "all", "slide", np.stack(bulk_pred), np.stack(bulk_true), int(sum(bulk_n)))
-    return pd.DataFrame(rows, columns=COLUMNS)
+        from .._stats import constant_columns
+
+        bp, bt = np.stack(bulk_pred), np.stack(bulk_true)
+        pr, sr, coll = column_pearson(bp, bt), column_spearman(bp, bt), constant_columns(bp)
+        rows += [{"gene": g, "slide": "all", "level": "slide", "pearson": pr[j], "spearman": sr[j],
+                  "mse": float(((bp[:, j] - bt[:, j]) ** 2).mean()), "n_spots": int(sum(bulk_n)),
+                  "collapsed": bool(coll[j]), "moran_true": np.nan, "moran_pred": np.nan}
+                 for j, g in enumerate(bulk_genes)]
+    res = pd.DataFrame(rows, columns=GENE_COLUMNS)
+    res.attrs["summary"] = summarize_genes(res)
+    return res
+
+
+def _evaluate_pathways(tables, *, pathway_key, true_pathway_key, true_layer, slide_key, min_counts) -> pd.DataFrame:
+    """Predicted pathway scores vs expression-derived activity, per pathway and slide (QC-masked)."""
+    from .._stats import collapse_index, constant_columns, mean_r
+    from ..train._data import collect_slides, layer_of
+
+    work = []
+    for i, t in enumerate(tables):
+        if pathway_key not in t.obsm:
+            raise KeyError(f"Slide {i}: no predicted pathway scores `obsm[{pathway_key!r}]`; run `stf.tl.predict` "
+                           "with a model that has pathway tokens.")
+        pred = t.obsm[pathway_key]
+        if true_pathway_key in t.obsm:
+            truth = t.obsm[true_pathway_key]
+        else:
+            from ..pp._pathways import pathway_activity
+
+            truth = pathway_activity(t, layer=true_layer, min_counts=min_counts, inplace=False)
+        shared = [c for c in pred.columns if c in set(truth.columns)]
+        if not shared:
+            raise ValueError(
+                f"Slide {i}: the predicted pathway scores ({list(pred.columns)[:3]}...) share no name with the "
+                f"pathway activity `obsm[{true_pathway_key!r}]` ({list(truth.columns)[:3]}...). Unnamed tokens "
+                "come from a model trained without the auxiliary pathway loss (`pathway_loss_weight=0`)."
+            )
+        tot = np.asarray(layer_of(t, true_layer, f"table {i}").sum(axis=1), dtype=np.float64).ravel()
+        work.append((t, pred, truth, shared, tot >= min_counts))
+    rows, summary = [], {}
+    for t, pred, truth, shared, qc in work:
+        for r in collect_slides(t, slide_key=slide_key):
+            rows_ = r.rows[qc[r.rows]]
+            a = np.asarray(pred[shared], dtype=np.float64)[rows_]
+            b = np.asarray(truth[shared], dtype=np.float64)[rows_]
+            pr, sr, coll = column_pearson(a, b), column_spearman(a, b), constant_columns(a)
+            rows += [{"pathway": p, "slide": r.slide_id, "pearson": pr[j], "spearman": sr[j], "n_spots": len(rows_),
+                      "collapsed": bool(coll[j])} for j, p in enumerate(shared)]
+            summary[r.slide_id] = {"mean_pearson": mean_r(pr), "n_pathways": len(shared),
+                                   "n_collapsed": int(coll.sum()), "collapse_index": collapse_index(a),
+                                   "target_collapse_index": collapse_index(b)}
+    res = pd.DataFrame(rows, columns=PATHWAY_COLUMNS)
+    res.attrs["summary"] = summary
+    return res
