@@ -191,24 +191,48 @@ def test_pathway_init_and_gene_means():
     memb = (rng.random((G, P)) < 0.5).astype(float)
     memb[0, :] = 1  # every pathway has >= 1 member
     means = rng.random(G) * 3 + 0.5
-    model = _model(pathway_membership=memb, pathway_init=True, gene_means=means)
+    model = _model(pathway_membership=memb, pathway_init=True, gene_means=means, gene_head="pathways")
     expected = memb / memb.sum(axis=0, keepdims=True)
     np.testing.assert_allclose(model.reconstructor.weight.detach().numpy(), expected, rtol=1e-6)
     np.testing.assert_allclose(model.reconstructor.bias.detach().numpy(), means, rtol=1e-6)
     assert model.num_pathways == P
     # count models: the bias is the inverse softplus of the means, so zero scores predict the means
-    pois = _model(pathway_membership=memb, gene_means=means, loss="poisson")
+    pois = _model(pathway_membership=memb, gene_means=means, loss="poisson", gene_head="pathways")
     np.testing.assert_allclose(
         torch.nn.functional.softplus(pois.reconstructor.bias).detach().numpy(), means, rtol=1e-5
     )
     # membership without pathway_init leaves the default init
     assert not np.allclose(_model(pathway_membership=memb).reconstructor.weight.detach().numpy(), expected)
-    with pytest.warns(UserWarning, match="no member"):
-        _model(pathway_membership=np.zeros((G, P)), pathway_init=True)
+    # a pathway without a member among the predicted genes (e.g. most Hallmarks for 50 genes) starts at zero
+    part = memb.copy()
+    part[:, 1] = 0
+    w = _model(pathway_membership=part, pathway_init=True, gene_head="both").reconstructor.weight.detach().numpy()
+    assert np.all(w[:, 1] == 0) and np.allclose(w[:, 0], part[:, 0] / part[:, 0].sum())
+    with pytest.raises(ValueError, match="gene_head='token' does not use"):
+        _model(pathway_membership=memb, pathway_init=True)
+
+
+@pytest.mark.parametrize("head", ["pathways", "token", "both"])
+def test_gene_heads(head):
+    model = _model(gene_head=head).train()
+    x, c, m = _batch([8, 5])
+    out = model(x, c, m)
+    assert out["expr"].shape == (2, 8, G) and out["pathway_scores"].shape == (2, 8, P)
+    total, _ = compute_loss(out, {"y": torch.randn(2, 8, G), "mask": m}, loss="mse")
+    total.backward()
+    used = {"pathways": ("reconstructor",), "token": ("token_head",), "both": ("reconstructor", "token_head")}[head]
+    for name in used:
+        assert getattr(model, name).weight.grad.abs().sum() > 0
+    if head == "token":  # genes do not depend on the pathway scores; the reconstructor gets no gradient
+        assert model.reconstructor.weight.grad is None
+    else:
+        assert not hasattr(model, "token_head") if head == "pathways" else True
+    with pytest.raises(ValueError, match="gene_head"):
+        _model(gene_head="tokens")
 
 
 def test_temperature_init_clamp_and_gradients():
-    model = _model().train()
+    model = _model(gene_head="pathways").train()
     assert float(model.temperature.detach()) == pytest.approx(1 / 0.07, rel=1e-5)
     x, c, m = _batch([8, 5])
     y = torch.randn(2, 8, G)

@@ -23,7 +23,8 @@ def _weights(m):
 
 @pytest.mark.slow
 def test_fit_history_metrics_and_determinism(slides):
-    m = stf.tl.fit(slides, genes=6, max_epochs=3, gene_sets=None, model_kwargs=TINY, accelerator="cpu", progress=False)
+    m = stf.tl.fit(slides, genes=6, max_epochs=3, gene_sets=None, model_kwargs=TINY, accelerator="cpu", progress=False,
+                   validation="patient")
     h = m.history
     assert list(h.columns) == ["epoch", "train_loss", "val_loss", "val_pcc", "lr"]
     assert h["epoch"].tolist() == [0, 1, 2]
@@ -32,7 +33,8 @@ def test_fit_history_metrics_and_determinism(slides):
     assert m.best_epoch == int(h["val_loss"].idxmin())
     assert len(m.genes) == 6 and m.embedding_key == "X_toy" and m.input_dim == 8 and m.level == "spot"
     assert set(m.fit_params["val_slides"]) in ({"s0", "s1"}, {"s2", "s3"})  # one whole patient held out
-    m2 = stf.tl.fit(slides, genes=6, max_epochs=3, gene_sets=None, model_kwargs=TINY, accelerator="cpu", progress=False)
+    m2 = stf.tl.fit(slides, genes=6, max_epochs=3, gene_sets=None, model_kwargs=TINY, accelerator="cpu", progress=False,
+                    validation="patient")
     w1, w2 = _weights(m), _weights(m2)
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     m3 = stf.tl.fit(slides, genes=6, max_epochs=1, gene_sets=None, model_kwargs=TINY, accelerator="cpu",
@@ -41,11 +43,19 @@ def test_fit_history_metrics_and_determinism(slides):
 
 
 def test_fit_restores_best_epoch_weights(slides, tmp_path):
-    m = stf.tl.fit(slides, genes=4, **{**FAST, "max_epochs": 3}, checkpoint_dir=tmp_path, monitor="val_pcc")
+    kw = {**FAST, "max_epochs": 3, "validation": "patient", "monitor": "val_pcc"}
+    m = stf.tl.fit(slides, genes=4, **kw, checkpoint_dir=tmp_path)
     best = torch.load(tmp_path / "best.ckpt", weights_only=True)
     assert m.best_epoch == best["epoch"] == int(m.history["val_pcc"].idxmax())
     sd = {k.removeprefix("module."): v for k, v in best["state_dict"].items()}
     assert all(torch.equal(sd[k], v) for k, v in m.module.state_dict().items())
+    # without a checkpoint folder the best weights are kept in memory (nothing written): same result
+    mem = stf.tl.fit(slides, genes=4, **kw)
+    assert mem.best_epoch == m.best_epoch
+    assert all(torch.equal(mem.module.state_dict()[k], v) for k, v in m.module.state_dict().items())
+    # default: no validation, a fixed schedule, the last weights
+    last = stf.tl.fit(slides, genes=4, **FAST)
+    assert last.best_epoch is None and last.fit_params["val_slides"] == [] and len(last.history) == 2
 
 
 class StopAfter(Callback):
@@ -73,28 +83,47 @@ def test_resume_continues_an_interrupted_run_exactly(slides, tmp_path, make_toy_
         stf.tl.fit(other, genes=4, **kw, resume_from=ckpt)
 
 
-def test_top_genes_are_chosen_on_training_slides_only(slides):
-    # G7 is extremely variable only on the validation slide s0
-    slides[0].layers["counts"][:, 7] = np.tile([0, 500], 18)
-    m = stf.tl.fit(slides, genes=3, validation=["s0"], **{**FAST, "max_epochs": 1})
-    assert "G7" not in m.genes
+def test_top_genes_are_chosen_before_the_validation_split(slides):
+    # G7 is extremely variable only on s0. Validation slides are the user's training data: genes are chosen on
+    # all slides given to fit, so that models trained with or without a validation split share their genes;
+    # held-out test slides are never given to fit (cross_validate / benchmark choose genes on training folds).
     from spatialtranscriptformer.pp._genes import select_top_genes
 
-    assert "G7" in select_top_genes(slides, 3)  # it would be chosen if all slides counted
+    slides[0].layers["counts"][:, 7] = np.tile([0, 500], 18)
+    with_val = stf.tl.fit(slides, genes=3, validation=["s0"], **{**FAST, "max_epochs": 1})
+    without = stf.tl.fit(slides, genes=3, **{**FAST, "max_epochs": 1})
+    assert "G7" in with_val.genes and with_val.genes == without.genes == select_top_genes(slides, 3)
+    assert "G7" not in select_top_genes(slides[1:], 3)
 
 
-def test_pathway_loss_with_named_hallmark_tokens(make_toy_slide):
+def test_pathway_tokens_named_by_gene_sets_measured_whatever_genes_are_predicted(make_toy_slide):
     hm = load_gene_sets("hallmark")
-    genes = hm["HALLMARK_HYPOXIA"][:4] + hm["HALLMARK_APOPTOSIS"][:4]
-    genes = list(dict.fromkeys(genes))[:8]
-    data = [make_toy_slide(f"s{i}", f"p{i}", genes=genes, seed=i) for i in range(3)]
-    m = stf.tl.fit(data, genes=genes, gene_sets="hallmark", pathway_loss_weight=0.5, pathway_init=True,
-                   max_epochs=1, model_kwargs={"token_dim": 16, "n_heads": 2}, accelerator="cpu", progress=False)
-    assert "HALLMARK_HYPOXIA" in m.pathways and "HALLMARK_APOPTOSIS" in m.pathways
-    assert len(m.pathways) == m.module.num_pathways < 50  # pathways without member genes are dropped
-    assert np.isfinite(m.history["val_pcc"]).all()
-    with pytest.raises(ValueError, match="more genes"):
-        stf.tl.fit(make_toy_slide("x", "p"), genes=["G0", "G1"], pathway_loss_weight=0.5, max_epochs=1)
+    measured = list(dict.fromkeys(hm["HALLMARK_HYPOXIA"][:6] + hm["HALLMARK_APOPTOSIS"][:6] + ["G_OTHER"]))
+    data = [make_toy_slide(f"s{i}", f"p{i}", genes=measured, seed=i) for i in range(3)]
+    kw = {"max_epochs": 2, "model_kwargs": {"token_dim": 16, "n_heads": 2}, "accelerator": "cpu", "progress": False}
+    # predicting only G_OTHER (in no gene set): the tokens are still named, supervised by all measured genes
+    m = stf.tl.fit(data, genes=["G_OTHER"], **kw)
+    assert m.fit_params["pathway_loss_weight"] == 0.1 and m.fit_params["pathway_structure_weight"] == 1.0
+    named = [p for p, g in hm.items() if sum(x in measured for x in g) >= 5]
+    assert m.pathways == named and m.module.num_pathways == len(named) >= 2
+    assert np.isfinite(m.history["train_loss"]).all()
+    s = data[0].copy()
+    stf.tl.predict(s, m, progress=False)
+    assert list(s.obsm["stf_pathways"].columns) == named
+    # weight 0: nothing ties tokens to names -> unnamed scores
+    m0 = stf.tl.fit(data, genes=["G_OTHER"], pathway_loss_weight=0, **kw)
+    assert m0.pathways == [f"token_{i}" for i in range(m0.module.num_pathways)]
+    # pathway_init links tokens to their predicted member genes (needs a reconstructor in the gene head)
+    mi = stf.tl.fit(data, genes=measured[:4], pathway_init=True,
+                    **{**kw, "model_kwargs": {**kw["model_kwargs"], "gene_head": "both"}})
+    assert mi.model_arrays["pathway_membership"].shape == (4, len(named))
+    # data whose genes are not symbols: auto -> a warning and unnamed tokens; an explicit weight is an error
+    toy = make_toy_slide("x", "p")
+    with pytest.warns(UserWarning, match="stay unnamed"):
+        mt = stf.tl.fit(toy, genes=["G0", "G1"], max_epochs=1, progress=False)
+    assert mt.pathways[0] == "token_0"
+    with pytest.raises(ValueError, match="No gene set has >= 5 members"):
+        stf.tl.fit(toy, genes=["G0", "G1"], pathway_loss_weight=0.5, max_epochs=1)
 
 
 def test_ridge_dispatch_and_unknown_model(slides):
@@ -111,9 +140,9 @@ def test_ridge_dispatch_and_unknown_model(slides):
 @pytest.mark.slow
 def test_fit_slide_level_baseline_and_count_loss(slides):
     m = stf.tl.fit(slides, model="attention_mil", genes=4, max_epochs=2, accelerator="cpu", progress=False,
-                   model_kwargs={"hidden": 16, "attention_dim": 8})
+                   model_kwargs={"hidden": 16, "attention_dim": 8}, validation="patient")
     assert m.level == "slide" and np.isfinite(m.history["val_pcc"]).all()
-    z = stf.tl.fit(slides, genes=4, loss="zinb", **FAST)
+    z = stf.tl.fit(slides, genes=4, loss="zinb", **FAST, validation="patient")
     assert z.target_space == "counts" and np.isfinite(z.history["val_loss"]).all()
 
 

@@ -61,17 +61,27 @@ def test_targets_qc_mask_log1p_and_coordinates_in_um():
     np.testing.assert_array_equal(raw.y[:, 0], a.layers["counts"][raw.rows, 1])
 
 
-def test_pathway_targets_are_zscored_member_means():
+def test_pathway_targets_come_from_all_measured_genes_and_skip_qc_failed_spots():
     a = make_slide()
+    a.layers["counts"][3] = 0  # a QC-failed spot: left out of the z-scores and of the targets
     ref = collect_slides(a)[0]
-    memb = np.array([[1, 0], [1, 1], [0, 0]], dtype=float)
+    sets = {"A": ["G0", "G4"], "B": ["G4", "G5", "NOT_MEASURED"]}
+    # the model predicts G0..G2 only; the targets still use G4 and G5, which it does not predict
     s = build_slide_arrays(ref, embedding_key="X_toy", genes=["G0", "G1", "G2"], layer="counts", loss="mse",
-                           log_transform=True, membership=memb)
-    c = a.layers["counts"]
-    e = np.log1p(c[:, :3] * 1e4 / c.sum(1, keepdims=True))
+                           log_transform=True, pathway_sets=sets)
+    keep = np.arange(30) != 3
+    c = a.layers["counts"][keep]
+    e = np.log1p(c * 1e4 / c.sum(1, keepdims=True))
     z = (e - e.mean(0)) / e.std(0)
-    np.testing.assert_allclose(s.pathway_targets[:, 0], z[:, :2].mean(1), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(s.pathway_targets[:, 1], z[:, 1], rtol=1e-5, atol=1e-6)
+    assert s.pathway_targets.shape == (29, 2) and s.n_spots == 29
+    np.testing.assert_allclose(s.pathway_targets[:, 0], z[:, [0, 4]].mean(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s.pathway_targets[:, 1], z[:, [4, 5]].mean(1), rtol=1e-5, atol=1e-6)
+    slide = build_slide_arrays(ref, embedding_key="X_toy", genes=["G0"], layer="counts", loss="mse",
+                               log_transform=True, pathway_sets=sets, pathway_zscore=False)
+    np.testing.assert_allclose(slide.pathway_targets[:, 0], e[:, [0, 4]].mean(1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="None of the 1 genes of the gene sets"):
+        build_slide_arrays(ref, embedding_key="X_toy", genes=["G0"], layer="counts", loss="mse", log_transform=True,
+                           pathway_sets={"C": ["NOPE"]})
 
 
 @pytest.mark.parametrize(

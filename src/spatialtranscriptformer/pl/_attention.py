@@ -122,9 +122,9 @@ def model_attention(model: Any, adata: AnnData, *, device: str | None = None) ->
     from .._settings import settings
 
     x = get_embedding(adata, model.embedding_key)
-    if callable(getattr(model, "prepare_inputs", None)):
-        x = model.prepare_inputs(x)  # the network's own input transform (e.g. per-slide z-scores)
     coords = (spot_coords(adata) * slide_mpp(adata)).astype(np.float32)
+    if callable(getattr(model, "prepare_inputs", None)):
+        x = model.prepare_inputs(x, coords)  # the model's own input (per-slide z-scores, neighbourhood context)
     dev = settings.torch_device(device)
     module = module.to(dev).eval()
     with torch.inference_mode():

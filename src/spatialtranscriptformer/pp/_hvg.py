@@ -21,6 +21,7 @@ def highly_variable_genes(
     n_top: int = 50,
     layer: str | None = K.COUNTS_LAYER,
     exclude_prefixes: tuple[str, ...] = (),
+    flavor: str = "variance",
     table_key: str | None = None,
     key_added: str = K.HVG_KEY,
     inplace: bool = True,
@@ -28,8 +29,11 @@ def highly_variable_genes(
 ) -> list[str] | AnnData | SpatialData | list | None:
     """Mark the ``n_top`` most variable genes, chosen jointly over all given slides.
 
-    HEST-Benchmark convention (Jaume et al. 2024): variance of ``log1p`` raw counts over all spots,
-    among genes measured in every slide. Give only training slides to avoid leakage.
+    ``flavor="variance"``: variance of ``log1p`` raw counts over all spots (the scale of HEST-Benchmark's
+    targets); ``flavor="seurat"``: scanpy's dispersion-based selection on pooled log1p-CP10k expression
+    (the kind of selection HEST-Benchmark's released gene panels come from). Among genes measured in
+    every slide; see :func:`~spatialtranscriptformer.pp._genes.select_top_genes`. Give only training
+    slides to avoid leakage.
 
     Parameters
     ----------
@@ -40,6 +44,8 @@ def highly_variable_genes(
         Layer with raw counts (``None`` for ``X``).
     exclude_prefixes
         Gene-name prefixes never selected (e.g. ``("MT-",)``).
+    flavor
+        ``"variance"`` or ``"seurat"``.
     {table_key}
     key_added
         Boolean ``var`` column written (default ``"highly_variable"``).
@@ -55,7 +61,7 @@ def highly_variable_genes(
     """
     slides = as_slide_list(data)
     tables = [get_table(s, table_key) for s in slides]
-    genes = select_top_genes(tables, n_top, layer=layer, exclude_prefixes=exclude_prefixes)
+    genes = select_top_genes(tables, n_top, layer=layer, exclude_prefixes=exclude_prefixes, flavor=flavor)
     if not inplace:
         return genes
     if copy:
@@ -66,7 +72,7 @@ def highly_variable_genes(
         r = t.var_names.map(lambda g: rank.get(g, -1)).to_numpy()
         t.var[key_added] = r >= 0
         t.var[key_added + "_rank"] = r
-        t.uns[key_added] = {"params": {"n_top": n_top, "layer": layer, "n_slides": len(tables)}}
+        t.uns[key_added] = {"params": {"n_top": n_top, "layer": layer, "n_slides": len(tables), "flavor": flavor}}
     if copy:
         return slides if isinstance(data, list) else slides[0]
     return None

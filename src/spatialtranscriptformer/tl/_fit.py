@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,7 +20,15 @@ if TYPE_CHECKING:
 
 ALL_INTERACTIONS = ("p2p", "p2h", "h2p", "h2h")
 _LOSSES = ("mse", "pcc", "mse_pcc", "zinb", "poisson")
-_SPECIAL = ("ridge", "superres")
+RIDGE_MODELS = ("ridge", "ridge_cv")
+DEFAULT_CONTEXT_RADIUS = 1.5
+"""Neighbourhood radius (grid pitches) of the STF's input context (:class:`~spatialtranscriptformer.tl._inputs.InputSpec`)."""
+DEFAULT_OUTPUT_SMOOTHING = 0.3
+"""Weight of the neighbours' mean prediction in the STF's spot predictions (``output_smoothing``)."""
+DEFAULT_PATHWAY_LOSS_WEIGHT = 0.1
+DEFAULT_PATHWAY_STRUCTURE_WEIGHT = 1.0
+MIN_PATHWAY_GENES = 5
+"""A gene set names a pathway token when at least this many of its members are measured in every slide."""
 
 
 def default_embedding_key(refs) -> str:
@@ -38,28 +45,24 @@ def default_embedding_key(refs) -> str:
     return next(iter(keys))
 
 
-def _membership(gene_sets, genes: list[str], *, required: bool):
-    """Genes x pathways membership restricted to pathways with a member among ``genes`` (or None)."""
-    from ..pp._gene_sets import membership_matrix
+def pathway_sets_for(refs, gene_sets, *, min_genes: int = MIN_PATHWAY_GENES) -> dict[str, list[str]]:
+    """The gene sets with at least ``min_genes`` members measured in *every* slide (name -> members)."""
+    from ..pp._gene_sets import load_gene_sets
 
-    try:
-        m = membership_matrix(gene_sets, genes, min_genes=0)
-    except ValueError as err:
-        if required:
-            raise ValueError(
-                f"No gene set has a member among the {len(genes)} model genes ({err}); choose more genes "
-                "(`genes=`) or other gene sets (`gene_sets=`)."
-            ) from None
-        warnings.warn(f"Pathway tokens stay unnamed: {err}", stacklevel=3)
-        return None
-    empty = m.columns[m.sum(0) == 0].tolist()
-    if empty:
-        logger.info("%d of %d pathways have no member among the model genes and are dropped: %s",
-                    len(empty), m.shape[1], empty[:10])
-        m = m.loc[:, m.sum(0) > 0]
-    if m.shape[1] == 0:
-        raise ValueError("No pathway has a member among the model genes; choose more genes (`genes=`).")
-    return m
+    sets = load_gene_sets(gene_sets)
+    n_measured = {k: min(int(r.table.var_names.isin(v).sum()) for r in refs) for k, v in sets.items()}
+    keep = {k: v for k, v in sets.items() if n_measured[k] >= min_genes}
+    dropped = sorted(set(sets) - set(keep))
+    if dropped:
+        logger.info("%d of %d gene sets have fewer than %d members measured in every slide and name no token: %s",
+                    len(dropped), len(sets), min_genes, dropped[:10])
+    if not keep:
+        raise ValueError(
+            f"No gene set has >= {min_genes} members among the measured genes of every slide (best: "
+            f"{max(n_measured.values())}); are var_names gene symbols? Pass other `gene_sets=` or "
+            "`pathway_loss_weight=0` for unnamed tokens."
+        )
+    return keep
 
 
 @doc_params(data=doc_slides, table_key=doc_table_key, progress=doc_progress)
@@ -75,21 +78,25 @@ def fit(
     loss: Literal["mse", "pcc", "mse_pcc", "zinb", "poisson"] = "mse_pcc",
     log_transform: bool = True,
     pcc_weight: float = 1.0,
-    pathway_loss_weight: float = 0.0,
+    pathway_loss_weight: float | Literal["auto"] = "auto",
+    pathway_structure_weight: float = DEFAULT_PATHWAY_STRUCTURE_WEIGHT,
     gene_sets: str | os.PathLike | Mapping[str, Sequence[str]] | None = "hallmark",
     pathway_init: bool = False,
-    interactions: Sequence[str] = ALL_INTERACTIONS,
+    interactions: Sequence[str] | str | None = None,
     level: Literal["spot", "slide"] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
-    validation: Literal["patient", "slide"] | Sequence[str] | None = "patient",
+    validation: Literal["patient", "slide"] | Sequence[str] | None = None,
     val_fraction: float = 0.2,
     min_counts: float = 1,
     standardize: Literal["slide"] | None = "slide",
-    max_epochs: int = 100,
-    lr: float = 1e-3,
+    context_radius: float | None | Literal["auto"] = "auto",
+    output_smoothing: float | Literal["auto"] = "auto",
+    gene_selection: Literal["variance", "seurat"] = "variance",
+    max_epochs: int = 30,
+    lr: float = 3e-3,
     weight_decay: float = 1e-2,
     warmup_epochs: int = 5,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     max_spots: int | None = 4096,
     crop: Literal["spatial", "random"] = "spatial",
     augment: bool = True,
@@ -210,6 +217,7 @@ def fit(
     """
     from ..train._data import build_slide_arrays, check_embeddings, check_genes, collect_slides
     from ..train._splits import split_validation
+    from ._inputs import InputSpec
 
     if model == "superres":  # the 2 µm Poisson super-resolution decoder: same call, its own trainer
         from ._superres import fit_superres
@@ -221,7 +229,8 @@ def fit(
             kw.setdefault("devices", devices)
         return fit_superres(data, genes=genes, max_epochs=max_epochs, seed=seed, accelerator=accelerator,
                             progress=progress, table_key=table_key, **kw)
-    if model != "ridge":
+    is_ridge = model in RIDGE_MODELS
+    if not is_ridge:
         from ..module._registry import get_model_entry
 
         entry = get_model_entry(model)
@@ -233,13 +242,38 @@ def fit(
     level = level or "spot"
     if loss not in _LOSSES:
         raise ValueError(f"Unknown loss {loss!r}; valid losses: {list(_LOSSES)}.")
-    if model == "ridge" and loss != "mse":
+    if is_ridge:
         loss = "mse"  # the ridge probe is a least-squares fit
-    if model != "stf" and (pathway_init or pathway_loss_weight > 0 or tuple(interactions) != ALL_INTERACTIONS):
-        raise ValueError("pathway_init, pathway_loss_weight and interactions apply to model='stf' only.")
-    for name, val in (("max_epochs", max_epochs), ("batch_size", batch_size)):
-        if int(val) < 1:
-            raise ValueError(f"{name} must be >= 1, got {val}.")
+    auto_pathways = pathway_loss_weight == "auto"
+    if auto_pathways:
+        pathway_loss_weight = DEFAULT_PATHWAY_LOSS_WEIGHT if (model == "stf" and gene_sets is not None) else 0.0
+    if model != "stf":
+        if pathway_init or interactions is not None or pathway_loss_weight > 0:
+            raise ValueError("pathway_init, pathway_loss_weight and interactions apply to model='stf' only.")
+        pathway_structure_weight = 0.0  # no pathway tokens
+    elif level == "slide":
+        pathway_structure_weight = 0.0  # one score vector per slide: no spot-wise map structure
+    if interactions is None:
+        from ..module._stf import DEFAULT_INTERACTIONS
+
+        interactions = DEFAULT_INTERACTIONS
+    interactions = list(ALL_INTERACTIONS) if interactions == "all" else (
+        [interactions] if isinstance(interactions, str) else list(interactions))
+    if context_radius == "auto":
+        context_radius = DEFAULT_CONTEXT_RADIUS if model == "stf" else None
+    if output_smoothing == "auto":
+        output_smoothing = DEFAULT_OUTPUT_SMOOTHING if model == "stf" and level == "spot" else 0.0
+    if not (0.0 <= float(output_smoothing) < 1.0):
+        raise ValueError(f"output_smoothing must be in [0, 1), got {output_smoothing!r}.")
+    if level == "slide" and output_smoothing > 0:
+        raise ValueError("output_smoothing applies to spot-level models only.")
+    input_spec = InputSpec(standardize=None if is_ridge else standardize, context_radius=context_radius)
+    if gene_selection not in ("variance", "seurat"):
+        raise ValueError(f"gene_selection must be 'variance' or 'seurat', got {gene_selection!r}.")
+    if int(max_epochs) < 1:
+        raise ValueError(f"max_epochs must be >= 1, got {max_epochs}.")
+    if batch_size is not None and int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if monitor not in ("val_loss", "val_pcc"):
         raise ValueError(f"monitor must be 'val_loss' or 'val_pcc', got {monitor!r}.")
 
@@ -249,63 +283,90 @@ def fit(
                      warmup_epochs=warmup_epochs, min_counts=min_counts, max_spots=max_spots, seed=seed,
                      early_stopping_patience=early_stopping_patience, gradient_clip_val=gradient_clip_val,
                      val_fraction=val_fraction)
+    if pathway_structure_weight < 0:
+        raise ValueError(f"pathway_structure_weight must be >= 0, got {pathway_structure_weight}.")
     check_tables(data, table_key=table_key, caller="fit")
     refs = collect_slides(data, slide_key=slide_key, patient_key=patient_key, table_key=table_key)
     embedding_key = embedding_key or default_embedding_key(refs)
     input_dim = check_embeddings(refs, embedding_key)
+    if isinstance(genes, int | np.integer):  # on all given slides, before any validation split
+        from ..pp._genes import select_top_genes
+
+        genes = select_top_genes([r.table[r.rows] for r in refs], int(genes), layer=layer, flavor=gene_selection)
+    genes = [str(g) for g in genes]
+    check_genes(refs, genes)
     train_ids, val_ids = split_validation(
         [r.slide_id for r in refs], [r.patient_id for r in refs],
-        validation=None if model == "ridge" else validation, val_fraction=val_fraction, seed=seed,
+        validation=None if is_ridge else validation, val_fraction=val_fraction, seed=seed,
     )
     if val_ids:
         logger.info("Validation slides: %s; training slides: %s.", val_ids, train_ids)
-    if isinstance(genes, int | np.integer):
-        from ..pp._genes import select_top_genes
+    if batch_size is None:
+        batch_size = 1 if level == "spot" else max(1, min(8, len(train_ids)))
+    batch_size = int(batch_size)
+    if level == "slide" and batch_size < 2 and (loss in ("pcc", "mse_pcc") or pathway_loss_weight > 0):
+        raise ValueError(
+            f"A slide-level model's correlation losses ({loss!r}{', pathway loss' if pathway_loss_weight > 0 else ''}) "
+            "compare the slides of a batch: batch_size must be >= 2 (or use loss='mse' and pathway_loss_weight=0)."
+        )
 
-        genes = select_top_genes([r.table[r.rows] for r in refs if r.slide_id in set(train_ids)], int(genes), layer=layer)
-    genes = [str(g) for g in genes]
-    check_genes(refs, genes)
+    pathway_sets = None
+    if model == "stf" and gene_sets is not None and (pathway_loss_weight > 0 or pathway_init):
+        try:
+            pathway_sets = pathway_sets_for(refs, gene_sets)
+        except ValueError as err:
+            if not auto_pathways:
+                raise
+            import warnings
 
-    membership = None
-    if model == "stf" and gene_sets is not None:
-        membership = _membership(gene_sets, genes, required=pathway_init or pathway_loss_weight > 0)
-    elif model == "stf" and (pathway_init or pathway_loss_weight > 0):
+            warnings.warn(f"The pathway tokens stay unnamed (no auxiliary pathway loss): {err}", stacklevel=2)
+            pathway_loss_weight = 0.0
+    elif model == "stf" and gene_sets is None and (pathway_loss_weight > 0 or pathway_init):
         raise ValueError("pathway_init / pathway_loss_weight need gene sets (`gene_sets=`).")
+    if model == "stf" and pathway_loss_weight == 0 and gene_sets is not None and not pathway_init:
+        logger.info("pathway_loss_weight=0: nothing ties the pathway tokens to gene sets; their scores are "
+                    "written unnamed (token_0, ...).")
     slides = {
         r.slide_id: build_slide_arrays(
             r, embedding_key=embedding_key, genes=genes, layer=layer, loss=loss, log_transform=log_transform,
-            min_counts=min_counts, membership=None if pathway_loss_weight <= 0 else membership.to_numpy(),
+            min_counts=min_counts, pathway_sets=pathway_sets if pathway_loss_weight > 0 else None,
+            pathway_zscore=level == "spot", input_spec=input_spec,
         )
         for r in refs
     }
-    if standardize not in ("slide", None):
-        raise ValueError(f"standardize must be 'slide' or None, got {standardize!r}.")
-    if standardize == "slide" and model != "ridge":  # the ridge probe keeps HEST's own StandardScaler
-        from ._model import zscore_features
-
-        for arr in slides.values():
-            arr.x = zscore_features(arr.x)
     train = [slides[s] for s in train_ids]
     val = [slides[s] for s in val_ids]
     fit_params = {
         "embedding_key": embedding_key, "layer": layer, "loss": loss, "log_transform": log_transform,
-        "pcc_weight": pcc_weight, "pathway_loss_weight": pathway_loss_weight, "min_counts": min_counts,
+        "pcc_weight": pcc_weight, "pathway_loss_weight": pathway_loss_weight,
+        "pathway_structure_weight": pathway_structure_weight, "min_counts": min_counts,
         "train_slides": train_ids, "val_slides": val_ids, "max_epochs": max_epochs, "lr": lr,
         "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "batch_size": batch_size,
         "max_spots": max_spots, "crop": crop, "augment": augment, "early_stopping_patience": early_stopping_patience,
-        "monitor": monitor, "gradient_clip_val": gradient_clip_val, "seed": seed, "standardize": standardize,
+        "monitor": monitor, "gradient_clip_val": gradient_clip_val, "seed": seed, "standardize": input_spec.standardize,
+        "context_radius": input_spec.context_radius, "output_smoothing": float(output_smoothing),
+        "gene_selection": gene_selection,
         "gene_sets": gene_sets if isinstance(gene_sets, str | type(None)) else str(type(gene_sets).__name__),
     }
     common = {"genes": genes, "embedding_key": embedding_key, "input_dim": input_dim, "loss": loss,
               "log_transform": log_transform, "fit_params": fit_params}
+    width = input_spec.width(input_dim)
 
-    if model == "ridge":
+    if is_ridge:
         from ..module._ridge import RidgeProbe
 
-        probe = RidgeProbe(**dict(model_kwargs or {})).fit(
-            np.concatenate([s.x for s in train]), np.concatenate([s.y for s in train])
+        kw = dict(model_kwargs or {})
+        if model == "ridge_cv":
+            kw.setdefault("alpha", "cv")
+        probe = RidgeProbe(**kw).fit(
+            np.concatenate([s.x for s in train]), np.concatenate([s.y for s in train]),
+            groups=np.concatenate([np.full(s.n_spots, s.slide_id) for s in train]),
+            coords=np.concatenate([s.coords for s in train]),
         )
-        return TrainedModel(probe, model_name="ridge", level="spot", model_kwargs=dict(model_kwargs or {}), **common)
+        if probe.cv_scores_ is not None:
+            logger.info("ridge_cv: alpha %.3g chosen by %s cross-validation (mean r %.3f).", probe.alpha_,
+                        "leave-one-slide-out" if len(train) > 1 else "spatial-block", max(probe.cv_scores_.values()))
+        return TrainedModel(probe, model_name=model, level="spot", model_kwargs=dict(model_kwargs or {}), **common)
 
     import lightning as L
 
@@ -315,26 +376,33 @@ def fit(
 
     hp: dict[str, Any] = {}
     arrays: dict[str, np.ndarray] = {"gene_means": np.concatenate([s.y for s in train]).mean(0).astype(np.float32)}
+    pathways = None
     if model == "stf":
         hp.update(interactions=list(interactions), pathway_init=bool(pathway_init))
-        if membership is not None:
-            arrays["pathway_membership"] = membership.to_numpy(dtype=np.float32)
+        if pathway_sets is not None:  # membership of the *predicted* genes (zero columns allowed)
+            pos = {g: i for i, g in enumerate(genes)}
+            membership = np.zeros((len(genes), len(pathway_sets)), dtype=np.float32)
+            for j, members in enumerate(pathway_sets.values()):
+                membership[[pos[g] for g in members if g in pos], j] = 1.0
+            arrays["pathway_membership"] = membership
+            if pathway_loss_weight > 0:
+                pathways = list(pathway_sets)
     for k, v in dict(model_kwargs or {}).items():  # arrays are stored as .npz on save, the rest as JSON
         (arrays if isinstance(v, np.ndarray) else hp)[k] = v
     L.seed_everything(seed, workers=True, verbose=False)
-    module = build_model(model, input_dim, len(genes), level=level, loss=loss, **hp, **arrays)
-    pathways = membership.columns.tolist() if membership is not None else None
+    module = build_model(model, width, len(genes), level=level, loss=loss, **hp, **arrays)
     if pathways is None and model == "stf":
-        pathways = [f"pathway_{i}" for i in range(module.num_pathways)]
+        pathways = [f"token_{i}" for i in range(module.num_pathways)]
     meta = {"model": model, "genes": genes, "embedding_key": embedding_key, "input_dim": input_dim, "loss": loss,
             "level": level, "hparams": run_settings(fit_params, hp, arrays)}
     if resume_from is not None:
         check_resume(read_checkpoint(resume_from).get(META_KEY), meta, resume_from)
     res = run_training(
         module, train, val,
-        plan_kwargs={"loss": loss, "pcc_weight": pcc_weight, "pathway_loss_weight": pathway_loss_weight, "lr": lr,
+        plan_kwargs={"loss": loss, "pcc_weight": pcc_weight, "pathway_loss_weight": pathway_loss_weight,
+                     "pathway_structure_weight": pathway_structure_weight, "lr": lr,
                      "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "meta": meta},
-        max_epochs=int(max_epochs), batch_size=int(batch_size), max_spots=max_spots, crop=crop, augment=augment,
+        max_epochs=int(max_epochs), batch_size=batch_size, max_spots=max_spots, crop=crop, augment=augment,
         early_stopping_patience=early_stopping_patience, monitor=monitor, accelerator=accelerator, devices=devices,
         strategy=strategy, seed=seed, resume_from=resume_from, checkpoint_dir=checkpoint_dir,
         progress=settings.progress if progress is None else bool(progress), gradient_clip_val=gradient_clip_val,

@@ -12,7 +12,10 @@ import numpy as np
 import pandas as pd
 
 from .._logging import logger
+from ._inputs import InputSpec, zscore_features  # noqa: F401  (zscore_features: re-exported)
 
+RIDGE_MODELS = ("ridge", "ridge_cv")
+"""The linear probes (scikit-learn, no torch): HEST's fixed penalty and the cross-validated one."""
 FORMAT = "spatialtranscriptformer.model"
 FORMAT_VERSION = 1
 _CONFIG, _WEIGHTS, _ARRAYS, _RIDGE, _HISTORY = "config.json", "weights.pt", "arrays.npz", "ridge.npz", "history.csv"
@@ -53,13 +56,6 @@ def spatial_windows(coords: np.ndarray, window_spots: int | None) -> list[tuple[
         extra = extra[np.argsort(np.linalg.norm(coords[extra] - coords[leaf].mean(0), axis=1), kind="stable")]
         out.append((np.concatenate([leaf, extra[: window_spots - len(leaf)]]), len(leaf)))
     return out
-
-
-def zscore_features(x: np.ndarray) -> np.ndarray:
-    """Standardise each embedding feature over the spots of one slide (constant features -> 0)."""
-    x = np.asarray(x, dtype=np.float32)
-    sd = x.std(axis=0)
-    return ((x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)).astype(np.float32)
 
 
 class TrainedModel:
@@ -157,13 +153,19 @@ class TrainedModel:
 
     # --- prediction -----------------------------------------------------------------------------------
     @property
+    def input_spec(self) -> InputSpec:
+        """How the model input is built from a slide's embeddings (standardisation, neighbourhood context)."""
+        std = None if self.model_name in RIDGE_MODELS else self.fit_params.get("standardize")
+        return InputSpec(standardize=std, context_radius=self.fit_params.get("context_radius"))
+
+    @property
     def standardize(self) -> str | None:
         """How embeddings are standardised before the network (``"slide"`` or ``None``)."""
-        return None if self.model_name == "ridge" else self.fit_params.get("standardize")
+        return self.input_spec.standardize
 
-    def prepare_inputs(self, x: np.ndarray) -> np.ndarray:
-        """The network input for one slide's embeddings (per-slide z-scored when :attr:`standardize`)."""
-        return zscore_features(x) if self.standardize == "slide" else np.asarray(x, dtype=np.float32)
+    def prepare_inputs(self, x: np.ndarray, coords: np.ndarray) -> np.ndarray:
+        """The model input for one slide's embeddings ``x`` (S, F) and spot centres ``coords`` (S, 2)."""
+        return self.input_spec.prepare(x, coords)
 
     def predict_arrays(
         self, x: np.ndarray, coords: np.ndarray, *, window_spots: int | None = None, device: str | None = None
@@ -183,9 +185,10 @@ class TrainedModel:
             raise ValueError(f"coords must have shape ({x.shape[0]}, 2), got {coords.shape}.")
         if not (np.isfinite(x).all() and np.isfinite(coords).all()):
             raise ValueError("Embeddings or coordinates contain NaN/inf.")
-        if self.model_name == "ridge":
-            return {"expr": np.asarray(self.module.predict(x), dtype=np.float32), "pathway_scores": None}
-        x = self.prepare_inputs(x)
+        x = self.prepare_inputs(x, coords)
+        if self.model_name in RIDGE_MODELS:
+            return self._smooth({"expr": np.asarray(self.module.predict(x), dtype=np.float32), "pathway_scores": None},
+                                coords)
         import torch
 
         from .._settings import settings
@@ -211,7 +214,28 @@ class TrainedModel:
                     if pws is None:
                         pws = np.zeros((len(x), pw.shape[-1]), dtype=np.float32)
                     pws[idx[:n_core]] = pw[:n_core]
-        return {"expr": expr, "pathway_scores": pws}
+        return self._smooth({"expr": expr, "pathway_scores": pws}, coords)
+
+    @property
+    def output_smoothing(self) -> float:
+        """Weight of the neighbours' mean prediction in each spot's prediction (0: none)."""
+        return float(self.fit_params.get("output_smoothing") or 0.0)
+
+    def _smooth(self, out: dict, coords: np.ndarray) -> dict:
+        """``(1 - w) * own + w * mean of the neighbours'`` for spot predictions (the fitted ``output_smoothing``).
+
+        Neighbours as for the input context (within ``context_radius`` or 1.5 grid pitches). Expression on
+        spot arrays is spatially smooth at the scale of a few spots; averaging a prediction with its
+        neighbours' removes part of the per-spot noise of the image features.
+        """
+        w = self.output_smoothing
+        if w <= 0:
+            return out
+        from ._inputs import neighbour_mean
+
+        radius = self.fit_params.get("context_radius") or 1.5
+        return {k: None if v is None else ((1 - w) * v + w * neighbour_mean(v, coords, radius=radius)).astype(np.float32)
+                for k, v in out.items()}
 
     # --- persistence ----------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -226,7 +250,7 @@ class TrainedModel:
 
         text = json.dumps(self.config, indent=1)  # fails here, before anything is written
         with atomic_output(path, kind="dir", overwrite=overwrite, replaceable=saved_model_check) as tmp:
-            if self.model_name == "ridge":
+            if self.model_name in RIDGE_MODELS:
                 np.savez(tmp / _RIDGE, **self.module.to_arrays())
             else:
                 import torch
@@ -268,13 +292,14 @@ class TrainedModel:
             lost = sorted(set(cfg["model_arrays"]) - set(arrays))
             if lost:
                 raise ValueError(f"{path / _ARRAYS} lacks arrays {lost}.")
-        if cfg["model"] == "ridge":
+        if cfg["model"] in RIDGE_MODELS:
             from ..module._ridge import RidgeProbe
 
             with reading(path / _RIDGE, "ridge arrays"), np.load(path / _RIDGE, allow_pickle=False) as z:
                 module = RidgeProbe.from_arrays({k: z[k] for k in z.files})
-            if module.n_targets != len(genes) or module.n_features_in != int(cfg["input_dim"]):
-                raise ValueError(f"{path}: the ridge arrays do not match {len(genes)} genes / input_dim {cfg['input_dim']}.")
+            width = _net_width(cfg)
+            if module.n_targets != len(genes) or module.n_features_in != width:
+                raise ValueError(f"{path}: the ridge arrays do not match {len(genes)} genes / input width {width}.")
         else:
             import torch
 
@@ -282,7 +307,7 @@ class TrainedModel:
 
             try:
                 module = build_model(
-                    cfg["model"], cfg["input_dim"], len(genes), level=cfg["level"], loss=cfg["loss"],
+                    cfg["model"], _net_width(cfg), len(genes), level=cfg["level"], loss=cfg["loss"],
                     **cfg.get("model_kwargs", {}), **arrays,
                 )
             except (ValueError, TypeError, KeyError) as err:
@@ -308,3 +333,9 @@ class TrainedModel:
             model_kwargs=cfg.get("model_kwargs"), model_arrays=arrays, fit_params=cfg.get("fit"), history=history,
             best_epoch=cfg.get("best_epoch"),
         )
+
+
+def _net_width(cfg: dict) -> int:
+    """Width of the network input of a saved model: the embedding width, doubled with neighbourhood context."""
+    radius = (cfg.get("fit") or {}).get("context_radius")
+    return int(cfg["input_dim"]) * (2 if radius is not None else 1)

@@ -171,18 +171,24 @@ def build_slide_arrays(
     loss: str,
     log_transform: bool,
     min_counts: float = 1,
-    membership: np.ndarray | None = None,
+    pathway_sets: dict[str, list[str]] | None = None,
+    pathway_zscore: bool = True,
+    input_spec=None,
 ) -> SlideArrays:
     """Features and targets of a slide's spots that pass QC (``total counts >= min_counts``).
 
     Targets are ``log1p`` counts for the Gaussian losses when ``log_transform``, raw counts otherwise
-    (integers required for ``zinb`` / ``poisson``). With ``membership`` (genes x pathways), pathway
-    targets are the per-slide z-scored log1p-CP10k expression averaged over member genes
-    (:func:`~spatialtranscriptformer.pp._pathways.pathway_scores_from_expression`).
+    (integers required for ``zinb`` / ``poisson``). With ``pathway_sets`` (name -> member genes), pathway
+    targets are computed from *all* measured genes of the slide: log1p-CP10k, z-scored over the slide's
+    QC-passed spots (``pathway_zscore``; slide-level models use the unscaled member means, whose slide
+    means differ between slides), averaged over the members of each set
+    (:func:`~spatialtranscriptformer.pp._pathways.slide_pathway_activity`). ``input_spec``
+    (:class:`~spatialtranscriptformer.tl._inputs.InputSpec`) builds the model input from all the slide's
+    spots before the QC filter.
     """
-    from ..pp._pathways import pathway_scores_from_expression
-
     x, coords = slide_features(ref, embedding_key)
+    if input_spec is not None:
+        x = input_spec.prepare(x, coords)
     y, tot = counts_block(ref, genes, layer)
     check_target_counts(y, slide_id=ref.slide_id, layer=layer, loss=loss, log_transform=log_transform)
     if loss in COUNT_LOSSES and not np.allclose(y, np.round(y)):
@@ -199,16 +205,30 @@ def build_slide_arrays(
             f"Slide {ref.slide_id!r} has {int(keep.sum())} usable spot(s) (of {len(keep)}; total counts >= "
             f"{min_counts}); at least 2 are needed."
         )
-    x, coords, y, tot, rows = x[keep], coords[keep], y[keep], tot[keep], ref.rows[keep]
     pw = None
-    if membership is not None:
-        cp10k = np.log1p(y * (1e4 / tot[:, None]))
-        pw = pathway_scores_from_expression(cp10k, membership)
+    if pathway_sets is not None:
+        pw = slide_pathway_targets(ref, pathway_sets, layer=layer, keep=keep, zscore=pathway_zscore)[keep]
+    x, coords, y, rows = x[keep], coords[keep], y[keep], ref.rows[keep]
     target = np.log1p(y) if (loss in GAUSSIAN_LOSSES and log_transform) else y
     return SlideArrays(
         slide_id=ref.slide_id, patient_id=ref.patient_id, x=x, coords=coords, rows=rows,
         y=target.astype(np.float32), pathway_targets=pw,
     )
+
+
+def slide_pathway_targets(
+    ref: SlideRef, pathway_sets: dict[str, list[str]], *, layer: str | None, keep: np.ndarray, zscore: bool = True
+) -> np.ndarray:
+    """``(S, P)`` pathway activity of a slide's spots from all its measured genes (NaN at QC-failed spots)."""
+    from ..pp._gene_sets import membership_matrix
+    from ..pp._pathways import slide_pathway_activity
+
+    m = membership_matrix(pathway_sets, ref.table.var_names.astype(str), min_genes=0)
+    empty = m.columns[m.sum(axis=0) == 0].tolist()
+    if empty:
+        raise ValueError(f"Slide {ref.slide_id!r}: gene sets {empty[:5]} have no member among its measured genes.")
+    counts = layer_of(ref.table, layer, ref.slide_id)[ref.rows]
+    return slide_pathway_activity(counts, m.to_numpy(), keep=keep, zscore=zscore)
 
 
 def dihedral(coords: np.ndarray, k: int) -> np.ndarray:

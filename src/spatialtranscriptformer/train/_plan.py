@@ -77,7 +77,7 @@ class TrainingPlan(L.LightningModule):
     ----------
     module
         A model following the module contract (``forward(x, coords, mask) -> dict`` with ``"expr"``).
-    loss, pcc_weight, pathway_loss_weight
+    loss, pcc_weight, pathway_loss_weight, pathway_structure_weight
         Passed to ``compute_loss``.
     lr, weight_decay
         AdamW learning rate and decoupled weight decay.
@@ -96,6 +96,7 @@ class TrainingPlan(L.LightningModule):
         loss: str = "mse_pcc",
         pcc_weight: float = 1.0,
         pathway_loss_weight: float = 0.0,
+        pathway_structure_weight: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 1e-2,
         warmup_epochs: int = 5,
@@ -105,6 +106,7 @@ class TrainingPlan(L.LightningModule):
         super().__init__()
         self.module = module
         self.loss_name, self.pcc_weight, self.pathway_loss_weight = loss, pcc_weight, pathway_loss_weight
+        self.pathway_structure_weight = pathway_structure_weight
         self.lr, self.weight_decay, self.warmup_epochs, self.min_lr_ratio = lr, weight_decay, warmup_epochs, min_lr_ratio
         self.meta = dict(meta or {})
 
@@ -117,7 +119,8 @@ class TrainingPlan(L.LightningModule):
 
         out = self(batch)
         total, _ = compute_loss(
-            out, batch, loss=self.loss_name, pcc_weight=self.pcc_weight, pathway_loss_weight=self.pathway_loss_weight
+            out, batch, loss=self.loss_name, pcc_weight=self.pcc_weight, pathway_loss_weight=self.pathway_loss_weight,
+            pathway_structure_weight=self.pathway_structure_weight,
         )
         return out, total
 
@@ -205,12 +208,53 @@ class History(Callback):
         return pd.DataFrame(self.rows, columns=cols)
 
 
+class BestWeights(Callback):
+    """Keep the weights of the best validation epoch in memory (runs without a checkpoint folder).
+
+    Writing checkpoints that nobody can resume from (a temporary folder) cost about a third of the time
+    of a small fit; with a ``checkpoint_dir`` Lightning's :class:`~lightning.pytorch.callbacks.ModelCheckpoint`
+    is used instead. The validation metric is synchronised across processes, so every rank keeps the
+    same epoch.
+    """
+
+    def __init__(self, monitor: str, mode: str) -> None:
+        self.monitor, self.mode = monitor, mode
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.state: dict | None = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:  # noqa: D102
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        v = float(trainer.callback_metrics[self.monitor])
+        if not math.isfinite(v):
+            return
+        better = self.best is None or (v > self.best if self.mode == "max" else v < self.best)
+        if better:
+            self.best, self.best_epoch = v, int(trainer.current_epoch)
+            self.state = {k: t.detach().clone() for k, t in pl_module.state_dict().items()}
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """Load a training checkpoint without unpickling code (``weights_only=True``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}.")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _strategy(strategy):
+    """Lightning strategy; plain ``"ddp"`` tolerates parameters a configuration leaves unused.
+
+    Some configurations train parameters on only part of their outputs (e.g. the STF's pathway scoring
+    without the auxiliary pathway loss, or its reconstructor with ``gene_head="token"``); DDP then needs
+    ``find_unused_parameters`` or it stops with an error.
+    """
+    if strategy is None:
+        return "auto"
+    if strategy == "ddp":
+        return "ddp_find_unused_parameters_true"
+    return strategy
 
 
 def run_training(
@@ -248,15 +292,21 @@ def run_training(
 
     tmp = None
     if checkpoint_dir is None:
-        tmp = tempfile.mkdtemp(prefix="stf_ckpt_")
+        tmp = tempfile.mkdtemp(prefix="stf_ckpt_")  # Lightning's default_root_dir; nothing is written there
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(tmp)
     mode = "max" if monitor == "val_pcc" else "min"
     history = History()
-    ckpt = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="best", monitor=monitor if val_dl is not None else None, mode=mode,
-        save_top_k=1, save_last=True, enable_version_counter=True,
-    )
-    callbacks: list = [EpochSeed(train_ds, sampler, seed), history, ckpt]
+    callbacks: list = [EpochSeed(train_ds, sampler, seed), history]
+    ckpt = best = None
+    if checkpoint_dir is not None:
+        ckpt = ModelCheckpoint(
+            dirpath=ckpt_dir, filename="best", monitor=monitor if val_dl is not None else None, mode=mode,
+            save_top_k=1, save_last=True, enable_version_counter=True,
+        )
+        callbacks.append(ckpt)
+    elif val_dl is not None:
+        best = BestWeights(monitor, mode)
+        callbacks.append(best)
     if val_dl is not None and early_stopping_patience:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=early_stopping_patience))
     kw = dict(trainer_kwargs)
@@ -266,13 +316,15 @@ def run_training(
     kw.setdefault("num_sanity_val_steps", 0)
     kw.setdefault("log_every_n_steps", 1)
     kw.setdefault("default_root_dir", str(ckpt_dir))
+    if ckpt is None:
+        kw.setdefault("enable_checkpointing", False)
     quiet = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda")]
     levels = [lg.level for lg in quiet]
     for lg in quiet:  # Lightning's set-up chatter (device summary, tips); our logger reports each epoch
         lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
     try:
         trainer = L.Trainer(
-            max_epochs=max_epochs, accelerator=accelerator, devices=devices, strategy=strategy or "auto",
+            max_epochs=max_epochs, accelerator=accelerator, devices=devices, strategy=_strategy(strategy),
             gradient_clip_val=gradient_clip_val, enable_progress_bar=progress, callbacks=callbacks, **kw,
         )
         with warnings.catch_warnings():
@@ -283,10 +335,13 @@ def run_training(
             warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
             trainer.fit(plan, train_dl, val_dl, ckpt_path=None if resume_from is None else str(resume_from))
         best_epoch = None
-        if val_dl is not None and ckpt.best_model_path:
+        if val_dl is not None and ckpt is not None and ckpt.best_model_path:
             state = read_checkpoint(ckpt.best_model_path)
             plan.load_state_dict(state["state_dict"], strict=True)
             best_epoch = int(state["epoch"])
+        elif best is not None and best.state is not None:
+            plan.load_state_dict(best.state, strict=True)
+            best_epoch = best.best_epoch
         trainer.strategy.barrier()
     finally:
         for lg, lv in zip(quiet, levels, strict=True):
@@ -298,6 +353,6 @@ def run_training(
         "history": history.frame(),
         "best_epoch": best_epoch,
         "is_global_zero": bool(trainer.is_global_zero),
-        "last_checkpoint": None if tmp is not None else ckpt.last_model_path or None,
-        "best_checkpoint": None if tmp is not None else ckpt.best_model_path or None,
+        "last_checkpoint": None if ckpt is None else ckpt.last_model_path or None,
+        "best_checkpoint": None if ckpt is None else ckpt.best_model_path or None,
     }
