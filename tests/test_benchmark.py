@@ -126,3 +126,21 @@ def test_benchmark_bad_input(slides, tmp_path):
         benchmark(slides, models=["ridge"], out=afile)
     assert not out.exists()
     assert all("stf_pred" not in s.uns for s in slides)
+
+
+def test_benchmark_models_share_genes_chosen_on_training_folds_and_controls(slides):
+    from spatialtranscriptformer.pp._genes import select_top_genes
+
+    table, long = benchmark(slides, models=["ridge", "ridge_cv"], genes=3, groups="slide", controls=("mirror",),
+                            progress=False, return_metrics=True)
+    fold_genes = table.attrs["params"]["fold_genes"]
+    for i, s in enumerate(slides):
+        sid = s.obs["slide_id"].iloc[0]
+        assert fold_genes[sid] == select_top_genes([t for j, t in enumerate(slides) if j != i], 3)
+        for model in ("ridge", "ridge_cv"):
+            rows = long[(long.model == model) & (long.fold == sid) & (long.control == "none")]
+            assert sorted(rows.gene) == sorted(fold_genes[sid])  # every model scored on the same genes
+    assert list(table.control) == ["none", "mirror", "none", "mirror"]
+    assert table.n_collapsed.eq(0).all() and table.pathway_pcc.isna().all()
+    cv = table[table.model == "ridge_cv"].pcc_mean.to_numpy()
+    assert cv[0] == pytest.approx(cv[1])  # the probes read no coordinates: the control changes nothing

@@ -1,6 +1,5 @@
 """stf.tl.predict / evaluate / cross_validate and TrainedModel save/load."""
 
-import copy
 import json
 
 import numpy as np
@@ -82,17 +81,23 @@ def test_predict_validates_against_the_model_before_writing(slides, model, mutat
 
 
 def test_windowed_prediction_equals_prediction_of_each_window(slides, model):
+    import torch
+
     x, c = slides[0].obsm["X_toy"], slides[0].obsm["spatial"] * 0.5
     full = model.predict_arrays(x, c)["expr"]
     np.testing.assert_allclose(model.predict_arrays(x, c, window_spots=36)["expr"], full)
     win = model.predict_arrays(x, c, window_spots=10)["expr"]
-    # the inputs are standardised over the whole slide first; each window then sees only its own spots
-    raw = copy.copy(model)
-    raw.fit_params = {**model.fit_params, "standardize": None}
-    xs = model.prepare_inputs(x)
-    for idx, n_core in spatial_windows(c, 10):
-        sub = raw.predict_arrays(xs[idx], c[idx])["expr"]
-        np.testing.assert_allclose(win[idx[:n_core]], sub[:n_core], rtol=1e-5, atol=1e-6)
+    # the inputs (standardisation, neighbourhood context) are built over the whole slide first; each window
+    # then sees only its own spots; the output smoothing is applied to the assembled slide
+    xs = model.prepare_inputs(x, c)
+    raw = np.zeros_like(full)
+    with torch.no_grad():
+        for idx, n_core in spatial_windows(c, 10):
+            out = model.module(torch.from_numpy(xs[idx])[None], torch.from_numpy(c[idx]).float()[None],
+                               torch.ones(1, len(idx), dtype=torch.bool))
+            raw[idx[:n_core]] = out["expr"][0, :n_core].numpy()
+    ref = model._smooth({"expr": raw}, c)["expr"]
+    np.testing.assert_allclose(win, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_per_slide_standardisation_removes_slide_offsets(slides, model):
@@ -137,10 +142,13 @@ def test_evaluate_against_planted_predictions(slides):
     data = _planted(slides, 0.0)
     data[0].layers["counts"][0] = 0  # a QC-failed spot is left out
     res = stf.tl.evaluate(data)
-    assert list(res.columns) == ["feature_type", "gene", "slide", "level", "pearson", "spearman", "mse", "n_spots"]
+    assert list(res.columns) == ["gene", "slide", "level", "pearson", "spearman", "mse", "n_spots", "collapsed",
+                                 "moran_true", "moran_pred"]
     spot = res[res.level == "spot"]
     assert len(spot) == 6 and np.allclose(spot[["pearson", "spearman"]], 1.0) and np.allclose(spot.mse, 0)
     assert spot[spot.slide == "s0"].n_spots.eq(35).all() and spot[spot.slide == "s1"].n_spots.eq(36).all()
+    assert not spot.collapsed.any() and np.allclose(spot.moran_pred, spot.moran_true)
+    assert np.isnan(res.attrs["summary"]["s1"]["moran_rank_agreement"])  # needs at least 3 genes
     bulk = res[res.level == "slide"]
     assert len(bulk) == 2 and (bulk.slide == "all").all() and np.allclose(bulk.pearson, 1.0)
     noisy = stf.tl.evaluate(_planted(slides, 1.0))
@@ -150,14 +158,44 @@ def test_evaluate_against_planted_predictions(slides):
         stf.tl.evaluate(slides[0])
 
 
-def test_evaluate_pathway_rows(slides, model):
-    s = slides[0].copy()
-    stf.tl.predict(s, model, progress=False)
-    s.obsm["pathway_activity"] = s.obsm["stf_pathways"].iloc[:, :2] * 3 + 1  # perfectly correlated targets
+def test_a_collapsed_prediction_scores_zero_not_nan(slides):
+    data = _planted(slides[:1], 0.0)
+    s = data[0]
+    good = s.layers["stf_pred"].toarray()
+    s.layers["stf_pred"] = sp.csr_matrix(np.c_[good[:, :1], np.full((s.n_obs, 1), 2.5), good[:, 2:]])  # G1 constant
     res = stf.tl.evaluate(s)
-    pw = res[res.feature_type == "pathway"]
-    assert pw.gene.tolist() == model.pathways[:2] and np.allclose(pw.pearson, 1.0) and pw.mse.isna().all()
-    assert (res.feature_type == "gene").sum() == 4
+    g1 = res[res.gene == "G1"].iloc[0]
+    assert g1.pearson == 0.0 and g1.spearman == 0.0 and g1.collapsed and g1.moran_pred == 0.0
+    summ = res.attrs["summary"]["s0"]
+    assert summ["n_collapsed"] == 1 and summ["mean_pearson"] == pytest.approx(0.5)  # (1 + 0) / 2, not 1
+    # a gene constant in the *measurement* is undefined (NaN), reported apart from the model's failures
+    s.layers["counts"][:, 0] = 3
+    res = stf.tl.evaluate(s)
+    g0 = res[res.gene == "G0"].iloc[0]
+    assert np.isnan(g0.pearson) and not g0.collapsed and res.attrs["summary"]["s0"]["n_undefined"] == 1
+
+
+def test_evaluate_pathways_apart_from_genes_and_qc_masked(slides, model):
+    s = slides[0].copy()
+    s.layers["counts"][0] = 0  # QC-failed spot
+    stf.tl.predict(s, model, progress=False)
+    names = list(s.obsm["stf_pathways"].columns[:2])
+    truth = s.obsm["stf_pathways"][names] * 3 + 1  # perfectly correlated targets ...
+    truth.iloc[0] = [1e6, -1e6]  # ... except at the QC-failed spot, which must not count
+    s.obsm["pathway_activity"] = truth
+    genes = stf.tl.evaluate(s)
+    assert "pathway" not in genes.columns and set(genes.gene) == set(model.genes)
+    pw = stf.tl.evaluate(s, features="pathways")
+    assert list(pw.columns) == ["pathway", "slide", "pearson", "spearman", "n_spots", "collapsed"]
+    assert pw.pathway.tolist() == names and np.allclose(pw.pearson, 1.0) and pw.n_spots.eq(35).all()
+    summ = pw.attrs["summary"]["s0"]
+    assert summ["n_pathways"] == 2 and 0 <= summ["collapse_index"] <= 1 and summ["collapse_index"] == pytest.approx(
+        summ["target_collapse_index"])
+    s.obsm["pathway_activity"] = truth.rename(columns=lambda c: "OTHER_" + c)
+    with pytest.raises(ValueError, match="share no name"):
+        stf.tl.evaluate(s, features="pathways")
+    with pytest.raises(ValueError, match="features"):
+        stf.tl.evaluate(s, features="pathway")
 
 
 def test_cross_validate_leave_one_slide_out_leaves_data_unchanged(slides):
@@ -172,6 +210,30 @@ def test_cross_validate_leave_one_slide_out_leaves_data_unchanged(slides):
         assert a.layers.keys() == b.layers.keys() and a.uns.keys() == b.uns.keys() and a.obsm.keys() == b.obsm.keys()
     with pytest.raises(ValueError, match="at least 2"):
         stf.tl.cross_validate(slides[0], model="ridge", groups="slide")
+
+
+def test_cross_validate_controls_and_slide_level_models(slides):
+    res = stf.tl.cross_validate(slides, model="ridge", groups="slide", genes=4, controls=("mirror", "rot90"),
+                                progress=False)
+    assert set(res.control) == {"none", "mirror", "rot90"}
+    by = res.groupby("control").pearson.mean()
+    assert by["none"] == pytest.approx(by["mirror"]) == pytest.approx(by["rot90"])  # reads no coordinates
+    # a model with an absolute positional encoding sees another layout once the held-out slide is rotated
+    pe = stf.tl.cross_validate(slides, groups="slide", genes=4, controls=("rot90",), max_epochs=2, gene_sets=None,
+                               model_kwargs={**TINY, "positional_encoding": "sinusoidal"}, context_radius=None,
+                               accelerator="cpu", progress=False)
+    a, b = (pe[pe.control == c].sort_values(["fold", "gene"]).pearson.to_numpy() for c in ("none", "rot90"))
+    assert not np.allclose(a, b)
+    with pytest.raises(ValueError, match="Unknown controls"):
+        stf.tl.cross_validate(slides, model="ridge", groups="slide", controls=("flip",))
+    # slide-level models are scored across held-out slides (pooled over folds), never silently empty
+    mil = stf.tl.cross_validate(slides, model="attention_mil", groups="slide", genes=["G0", "G1", "G2", "G3"],
+                                max_epochs=1,
+                                model_kwargs={"hidden": 8, "attention_dim": 4}, progress=False, accelerator="cpu")
+    assert len(mil) == 4 and list(mil.columns[:2]) == ["gene", "pearson"] and mil.n.eq(3).all()
+    with pytest.raises(ValueError, match="at least 3"):
+        stf.tl.cross_validate(slides[:2], model="attention_mil", groups="slide", genes=4, max_epochs=1, loss="mse",
+                              model_kwargs={"hidden": 8, "attention_dim": 4}, progress=False, accelerator="cpu")
 
 
 @pytest.mark.slow

@@ -19,11 +19,12 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-DEFAULT_MODELS = ("stf", "ridge", "he2rna", "attention_mil", "transmil")
+DEFAULT_MODELS = ("stf", "ridge", "ridge_cv", "he2rna", "attention_mil", "transmil")
 METRIC_COLUMNS = [
     "model",
     "level",
     "evaluated_on",
+    "control",
     "fold",
     "slide",
     "gene",
@@ -31,15 +32,19 @@ METRIC_COLUMNS = [
     "spearman",
     "mse",
     "n",
+    "collapsed",
+    "moran_true",
+    "moran_pred",
 ]
 SUMMARY_COLUMNS = [
-    "model", "level", "evaluated_on", "pcc_mean", "pcc_sd", "n_folds", "slide_mean_pcc", "slide_mean_pcc_sd",
+    "model", "level", "evaluated_on", "control", "pcc_mean", "pcc_sd", "n_folds", "n_collapsed",
+    "moran_rank_agreement", "slide_mean_pcc", "slide_mean_pcc_sd", "pathway_pcc", "pathway_collapse_index",
     "n_genes", "wall_time_s",
 ]  # fmt: skip
 
 
 def _model_level(name: str) -> str:
-    if name == "ridge":
+    if name in ("ridge", "ridge_cv"):
         return "spot"
     from ..module._registry import get_model_entry
 
@@ -53,7 +58,9 @@ def benchmark(
     models: Sequence[str] = DEFAULT_MODELS,
     embedding_key: str | None = None,
     genes: int | Sequence[str] = 50,
+    gene_selection: Literal["variance", "seurat"] = "variance",
     groups: Literal["patient", "slide"] = "patient",
+    controls: Sequence[str] = (),
     out: str | os.PathLike | None = None,
     model_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     layer: str | None = K.COUNTS_LAYER,
@@ -70,9 +77,10 @@ def benchmark(
 
     Every model is fitted with :func:`~spatialtranscriptformer.tl.fit` on the same
     leave-one-patient-out (or leave-one-slide-out) folds (``train._splits.leave_one_group_out``, the
-    folds of :func:`~spatialtranscriptformer.tl.cross_validate`), with its validation slides drawn from
-    the training groups only; genes chosen by number are re-selected on each fold's training slides
-    (HEST-Benchmark, Jaume et al. 2024). Each held-out slide is predicted on a copy and scored:
+    folds of :func:`~spatialtranscriptformer.tl.cross_validate`), with any validation slides drawn from
+    the training groups only. Genes chosen by number are selected once per fold on that fold's training
+    slides (HEST-Benchmark, Jaume et al. 2024), and every model of the fold gets that same list. Each
+    held-out slide is predicted on a copy and scored:
 
     - dense models (level ``"spot"``: ``stf``, ``ridge``, ``he2rna``) with
       :func:`~spatialtranscriptformer.tl.evaluate`: Pearson r per gene across the spots of each held-out
@@ -85,19 +93,30 @@ def benchmark(
 
     The slide-mean score (``slide_mean_pcc``) is computed for every model (dense models through the
     mean of their spot predictions), so all models can be compared on it; it needs at least three
-    held-out slides. Wall time per model covers fitting, prediction and scoring of all folds.
+    held-out slides. A collapsed (constant) prediction scores r = 0; ``n_collapsed`` counts such
+    gene-slide pairs. ``moran_rank_agreement`` is the Spearman correlation over genes between measured
+    and predicted Moran's I (mean over held-out slides). For models with named pathway tokens,
+    ``pathway_pcc`` is the mean r of the predicted pathway maps against pathway activity computed from
+    all measured genes and ``pathway_collapse_index`` the median pairwise absolute r between predicted maps.
+    Wall time per model covers fitting, prediction and scoring of all folds.
 
     Parameters
     ----------
     {data}
     models
-        Model names: ``"ridge"`` or names registered for :func:`~spatialtranscriptformer.tl.fit`.
+        Model names: ``"ridge"`` (HEST probe), ``"ridge_cv"`` or names registered for
+        :func:`~spatialtranscriptformer.tl.fit`.
     embedding_key
         ``obsm`` key of the embeddings (the same for every slide); ``None``: the only shared ``X_*`` key.
     genes
         Number of most variable genes (chosen per fold on the training slides) or a list of genes.
+    gene_selection
+        ``"variance"`` or ``"seurat"`` (see :func:`~spatialtranscriptformer.pp.highly_variable_genes`).
     groups
         ``"patient"`` (leave one patient out) or ``"slide"``. Fewer than two groups is a ``ValueError``.
+    controls
+        Also score dense models on held-out slides with mirrored (``"mirror"``) / rotated (``"rot90"``)
+        coordinates (see :func:`~spatialtranscriptformer.tl.cross_validate`); summary rows per control.
     out
         Folder for ``metrics.csv`` (per gene, fold and slide), ``summary.md`` (mean ± sd PCC per model,
         level, wall time) and ``pcc_per_gene.png`` (per-gene PCC distributions per model). ``None``: write
@@ -122,15 +141,18 @@ def benchmark(
 
     Returns
     -------
-    One row per model with columns ``model``, ``level``, ``evaluated_on`` (``"spot"`` or
-    ``"slide mean"``), ``pcc_mean``, ``pcc_sd``, ``n_folds``, ``slide_mean_pcc``, ``slide_mean_pcc_sd``,
-    ``n_genes`` and ``wall_time_s`` (parameters in ``result.attrs["params"]``). With ``return_metrics=True``,
+    One row per model (and control) with columns ``model``, ``level``, ``evaluated_on`` (``"spot"`` or
+    ``"slide mean"``), ``control``, ``pcc_mean``, ``pcc_sd``, ``n_folds``, ``n_collapsed``,
+    ``moran_rank_agreement``, ``slide_mean_pcc``, ``slide_mean_pcc_sd``, ``pathway_pcc``,
+    ``pathway_collapse_index``, ``n_genes`` and ``wall_time_s`` (parameters in ``result.attrs["params"]``). With ``return_metrics=True``,
     ``(summary, metrics)`` where ``metrics`` is the per-gene / per-fold table written to ``metrics.csv``
     (what :func:`~spatialtranscriptformer.pl.metrics` plots).
     """
+    from ..pp._genes import select_top_genes
     from ..train._data import check_embeddings, collect_slides
     from ..train._splits import leave_one_group_out
     from ._fit import default_embedding_key
+    from ._folds import check_controls
 
     # --- validate everything before any training or writing ------------------------------------------
     models = [models] if isinstance(models, str) else list(models)
@@ -153,6 +175,7 @@ def benchmark(
         raise ValueError(
             "benchmark chooses validation slides inside each fold; pass 'patient', 'slide' or None."
         )
+    controls = check_controls(controls)
     refs = collect_slides(data, slide_key=slide_key, patient_key=patient_key, table_key=table_key)
     folds = leave_one_group_out([r.slide_id for r in refs], [r.patient_id for r in refs], groups=groups)
     embedding_key = embedding_key or default_embedding_key(refs)
@@ -162,28 +185,51 @@ def benchmark(
         raise ValueError(f"`out` {str(out_dir)!r} exists and is not a folder.")
 
     by_id = {r.slide_id: r for r in refs}
+    rows: dict[str, list[pd.DataFrame]] = {m: [] for m in models}
+    pws: dict[str, list[pd.DataFrame]] = {m: [] for m in models}
+    bulk: dict[str, list[dict]] = {m: [] for m in models}
+    wall = dict.fromkeys(models, 0.0)
+    fold_genes = {}
+    for k, (group, train_ids, test_ids) in enumerate(folds):
+        train = [by_id[s].table[by_id[s].rows] for s in train_ids]
+        test = [by_id[s].table[by_id[s].rows] for s in test_ids]
+        g = (select_top_genes(train, int(genes), layer=layer, flavor=gene_selection)
+             if isinstance(genes, int | np.integer) else [str(x) for x in genes])
+        fold_genes[str(group)] = g
+        for name in models:
+            logger.info("%s fold %d/%d: held out %r.", name, k + 1, len(folds), group)
+            t0 = time.perf_counter()
+            rows_, pw_, bulk_ = _run_model_fold(
+                name, train, test, group, genes=g, embedding_key=embedding_key, layer=layer,
+                log_transform=log_transform, min_counts=min_counts, slide_key=slide_key, patient_key=patient_key,
+                progress=progress, model_kwargs=model_kwargs.get(name), fit_kwargs=fit_kwargs,
+                controls=controls if levels[name] == "spot" else ["none"],
+            )  # fmt: skip
+            wall[name] += time.perf_counter() - t0
+            rows[name].append(rows_)
+            if pw_ is not None:
+                pws[name].append(pw_)
+            bulk[name] += bulk_
     metric_rows: list[pd.DataFrame] = []
     summary = []
     for name in models:
-        t0 = time.perf_counter()
-        rows, bulk = _run_model(
-            name, folds, by_id, levels[name], embedding_key=embedding_key, genes=genes, layer=layer,
-            log_transform=log_transform, min_counts=min_counts, slide_key=slide_key, patient_key=patient_key,
-            progress=progress, model_kwargs=model_kwargs.get(name), fit_kwargs=fit_kwargs,
-        )  # fmt: skip
-        wall = time.perf_counter() - t0
-        bulk_rows = _slide_mean_rows(bulk)
-        metrics = pd.concat([d for d in (rows, bulk_rows) if len(d)] or [rows], ignore_index=True)
+        spot = pd.concat(rows[name], ignore_index=True) if rows[name] else pd.DataFrame(columns=METRIC_COLUMNS)
+        bulk_rows = _slide_mean_rows(bulk[name])
+        pw = pd.concat(pws[name], ignore_index=True) if pws[name] else None
+        metrics = pd.concat([d for d in (spot, bulk_rows) if len(d)] or [spot], ignore_index=True)
         metrics.insert(0, "model", name)
         metrics.insert(1, "level", levels[name])
         metric_rows.append(metrics)
-        summary.append(_summarise(name, levels[name], rows, bulk_rows, wall))
-        logger.info("Benchmark %s: %s (%.1f s).", name, _fmt(summary[-1]), wall)
+        for control in (controls if levels[name] == "spot" else ["none"]):
+            sel = spot[spot["control"] == control] if len(spot) else spot
+            summary.append(_summarise(name, levels[name], control, sel, bulk_rows, pw, wall[name]))
+            logger.info("Benchmark %s (%s): %s (%.1f s).", name, control, _fmt(summary[-1]), wall[name])
     table = pd.DataFrame(summary, columns=SUMMARY_COLUMNS)
-    long = pd.concat(metric_rows, ignore_index=True)[METRIC_COLUMNS]
+    long = pd.concat(metric_rows, ignore_index=True).reindex(columns=METRIC_COLUMNS)
     table.attrs["params"] = {
         "models": models, "embedding_key": embedding_key, "genes": genes if isinstance(genes, int) else list(genes),
-        "groups": groups, "folds": [f[0] for f in folds], "log_transform": log_transform,
+        "gene_selection": gene_selection, "groups": groups, "folds": [f[0] for f in folds],
+        "log_transform": log_transform, "controls": controls, "fold_genes": fold_genes,
     }  # fmt: skip
     if out_dir is not None:
         from ._benchmark_report import write_report
@@ -192,110 +238,81 @@ def benchmark(
     return (table, long) if return_metrics else table
 
 
-def _run_model(name, folds, by_id, level, *, embedding_key, genes, layer, log_transform, min_counts, slide_key,
-               patient_key, progress, model_kwargs, fit_kwargs) -> tuple[pd.DataFrame, list[dict]]:  # fmt: skip
-    """Fit / predict / score one model over all folds: spot-level rows and slide-mean records."""
-    from ..train._data import collect_slides, counts_block, slide_features
-    from ._evaluate import _to_space, evaluate
-    from ._fit import fit
-    from ._predict import predict
+def _run_model_fold(name, train, test, group, *, genes, embedding_key, layer, log_transform, min_counts, slide_key,
+                    patient_key, progress, model_kwargs, fit_kwargs, controls):  # fmt: skip
+    """Fit / predict / score one model on one fold: spot-level rows, pathway rows and slide-mean records."""
+    from ._folds import run_fold
 
-    rows, bulk = [], []
-    for k, (group, train_ids, test_ids) in enumerate(folds):
-        logger.info("%s fold %d/%d: held out %r.", name, k + 1, len(folds), group)
-        train = [by_id[s].table[by_id[s].rows] for s in train_ids]
-        test = [by_id[s].table[by_id[s].rows].copy() for s in test_ids]
-        kw = dict(fit_kwargs)
-        if model_kwargs:
-            kw["model_kwargs"] = dict(model_kwargs)
-        m = fit(
-            train, model=name, embedding_key=embedding_key, genes=genes, layer=layer, log_transform=log_transform,
-            min_counts=min_counts, slide_key=slide_key, patient_key=patient_key, progress=progress, **kw,
-        )  # fmt: skip
-        if level == "spot":
-            predict(test, m, slide_key=slide_key, progress=progress)
-            ev = evaluate(
-                test,
-                true_layer=layer,
-                log_transform=log_transform,
-                slide_key=slide_key,
-                min_counts=min_counts,
-            )
-            ev = ev[(ev["feature_type"] == "gene") & (ev["level"] == "spot")]
-            rows.append(
-                pd.DataFrame({
-                    "evaluated_on": "spot", "fold": str(group), "slide": ev["slide"].astype(str), "gene": ev["gene"],
-                    "pearson": ev["pearson"], "spearman": ev["spearman"], "mse": ev["mse"], "n": ev["n_spots"],
-                })
-            )  # fmt: skip
-        for t in test:
-            for r in collect_slides(t, slide_key=slide_key, patient_key=patient_key):
-                y, tot = counts_block(r, m.genes, layer)
-                keep = tot >= min_counts
-                if not keep.any():
-                    continue
-                x, coords = slide_features(r, embedding_key)
-                pred = np.asarray(m.predict_arrays(x, coords)["expr"], dtype=np.float64)
-                if pred.ndim == 2:  # dense model: mean of its (log1p-space) spot predictions over QC spots
-                    pred = _to_space(pred[keep], m.target_space, log_transform).mean(0)
-                else:
-                    pred = _to_space(pred, m.target_space, log_transform)
-                true = (np.log1p(y[keep]) if log_transform else y[keep]).mean(0)
-                bulk.append(
-                    {
-                        "fold": str(group),
-                        "slide": r.slide_id,
-                        "genes": list(m.genes),
-                        "pred": pred,
-                        "true": true,
-                    }
-                )
-    cols = ["evaluated_on", "fold", "slide", "gene", "pearson", "spearman", "mse", "n"]
-    return (pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=cols)), bulk
+    kw = dict(fit_kwargs)
+    kw["embedding_key"] = embedding_key
+    if model_kwargs:
+        kw["model_kwargs"] = dict(model_kwargs)
+    res = run_fold(train, test, model=name, genes=genes, fit_kwargs=kw, controls=controls, layer=layer,
+                   log_transform=log_transform, min_counts=min_counts, slide_key=slide_key,
+                   patient_key=patient_key, progress=progress)
+    ev = res.genes
+    rows = pd.DataFrame(columns=[c for c in METRIC_COLUMNS if c not in ("model", "level")])
+    if len(ev):
+        rows = pd.DataFrame({
+            "evaluated_on": "spot", "control": ev["control"], "fold": str(group), "slide": ev["slide"].astype(str),
+            "gene": ev["gene"], "pearson": ev["pearson"], "spearman": ev["spearman"], "mse": ev["mse"],
+            "n": ev["n_spots"], "collapsed": ev["collapsed"], "moran_true": ev["moran_true"],
+            "moran_pred": ev["moran_pred"],
+        })  # fmt: skip
+    pw = None
+    if res.pathways is not None:
+        summ = res.pathways.attrs.get("summary", {})
+        pw = res.pathways.copy()
+        pw.insert(0, "fold", str(group))
+        pw["collapse_index"] = pw["slide"].map(lambda s: summ.get(str(s), {}).get("collapse_index", np.nan))
+    bulk = [dict(b, fold=str(group)) for b in res.slide_means]
+    return rows, pw, bulk
 
 
 def _slide_mean_rows(bulk: list[dict]) -> pd.DataFrame:
     """Per gene: Pearson / Spearman r across the held-out slides (pooled over folds) of slide means."""
-    from ._evaluate import column_pearson, column_spearman
+    from ._folds import slide_mean_rows
 
-    per_gene: dict[str, list[tuple[float, float]]] = {}
-    for b in bulk:
-        for g, p, t in zip(b["genes"], b["pred"], b["true"], strict=True):
-            per_gene.setdefault(g, []).append((p, t))
-    out = []
-    for g, pairs in per_gene.items():
-        if len(pairs) < 3:
-            continue
-        a = np.asarray(pairs, dtype=np.float64)
-        out.append({
-            "evaluated_on": "slide mean", "fold": "pooled", "slide": "all", "gene": g,
-            "pearson": float(column_pearson(a[:, :1], a[:, 1:])[0]),
-            "spearman": float(column_spearman(a[:, :1], a[:, 1:])[0]),
-            "mse": float(((a[:, 0] - a[:, 1]) ** 2).mean()), "n": len(pairs),
-        })  # fmt: skip
-    return pd.DataFrame(
-        out, columns=["evaluated_on", "fold", "slide", "gene", "pearson", "spearman", "mse", "n"]
-    )
+    d = slide_mean_rows(bulk)
+    return pd.DataFrame({
+        "evaluated_on": "slide mean", "control": "none", "fold": "pooled", "slide": "all", "gene": d["gene"],
+        "pearson": d["pearson"], "spearman": d["spearman"], "mse": d["mse"], "n": d["n"], "collapsed": d["collapsed"],
+    })  # fmt: skip
 
 
-def _summarise(name: str, level: str, rows: pd.DataFrame, bulk_rows: pd.DataFrame, wall: float) -> dict:
+def _summarise(name: str, level: str, control: str, rows: pd.DataFrame, bulk_rows: pd.DataFrame,
+               pw: pd.DataFrame | None, wall: float) -> dict:  # fmt: skip
+    from .._stats import mean_r, rank_agreement
+
     bulk_r = bulk_rows["pearson"].astype(float)
     sm, ssd = (
         (float(np.nanmean(bulk_r)), float(np.nanstd(bulk_r))) if bulk_r.notna().any() else (np.nan, np.nan)
     )
-    if level == "spot":
-        per_fold = rows.groupby("fold", sort=False)["pearson"].apply(lambda s: np.nanmean(s.astype(float)))
+    n_coll, moran = 0, np.nan
+    if level == "spot" and len(rows):
+        per_fold = rows.groupby("fold", sort=False)["pearson"].apply(lambda s: mean_r(s.to_numpy(dtype=float)))
         pcc, sd, n_folds = float(per_fold.mean()), float(np.std(per_fold.to_numpy())), int(len(per_fold))
-        n_genes = int(rows["gene"].nunique())
+        n_genes = int(rows.groupby("fold")["gene"].nunique().max())
+        n_coll = int(rows["collapsed"].astype(bool).sum())
+        agree = [rank_agreement(d["moran_true"].to_numpy(float), d["moran_pred"].to_numpy(float))
+                 for _, d in rows.groupby(["fold", "slide"], sort=False)]
+        moran = float(np.nanmean(agree)) if np.isfinite(agree).any() else np.nan
         evaluated_on = "spot"
     else:
         pcc, sd, n_folds = sm, ssd, int(len(set(bulk_rows["fold"]))) if len(bulk_rows) else 0
         n_genes = int(bulk_rows["gene"].nunique())
+        n_coll = int(bulk_rows["collapsed"].astype(bool).sum()) if len(bulk_rows) else 0
         evaluated_on = "slide mean"
+    pw_r = pw_ci = np.nan
+    if pw is not None and len(pw) and control == "none":
+        pw_r = mean_r(pw["pearson"].to_numpy(dtype=float))
+        ci = pw.groupby(["fold", "slide"])["collapse_index"].first().to_numpy(dtype=float)
+        pw_ci = float(np.nanmean(ci)) if np.isfinite(ci).any() else np.nan
     return {
-        "model": name, "level": level, "evaluated_on": evaluated_on, "pcc_mean": pcc, "pcc_sd": sd,
-        "n_folds": n_folds, "slide_mean_pcc": sm, "slide_mean_pcc_sd": ssd, "n_genes": n_genes,
-        "wall_time_s": float(wall),
+        "model": name, "level": level, "evaluated_on": evaluated_on, "control": control, "pcc_mean": pcc,
+        "pcc_sd": sd, "n_folds": n_folds, "n_collapsed": n_coll, "moran_rank_agreement": moran,
+        "slide_mean_pcc": sm, "slide_mean_pcc_sd": ssd, "pathway_pcc": pw_r, "pathway_collapse_index": pw_ci,
+        "n_genes": n_genes, "wall_time_s": float(wall),
     }  # fmt: skip
 
 

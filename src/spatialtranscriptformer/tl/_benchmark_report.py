@@ -18,6 +18,10 @@ def _pm(mean: float, sd: float) -> str:
     return "n/a" if not np.isfinite(mean) else f"{mean:.3f} ± {sd:.3f}"
 
 
+def _num(v: float) -> str:
+    return "n/a" if not np.isfinite(v) else f"{v:.3f}"
+
+
 def summary_markdown(table: pd.DataFrame) -> str:
     """The benchmark summary as a Markdown table with a short legend."""
     p = table.attrs.get("params", {})
@@ -27,13 +31,16 @@ def summary_markdown(table: pd.DataFrame) -> str:
         f"Embeddings `{p.get('embedding_key', '?')}`, genes: {p.get('genes', '?')}, "
         f"leave-one-{p.get('groups', '?')}-out folds: {', '.join(map(str, p.get('folds', [])))}.",
         "",
-        "| model | level | evaluated on | PCC (mean ± sd) | slide-mean PCC (mean ± sd over genes) | genes | folds | wall time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | level | evaluated on | control | PCC (mean ± sd) | collapsed | Moran's I rank agreement | "
+        "slide-mean PCC | pathway PCC | pathway collapse index | genes | folds | wall time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table.itertuples(index=False):
         lines.append(
-            f"| {r.model} | {r.level} | {r.evaluated_on} | {_pm(r.pcc_mean, r.pcc_sd)} | "
-            f"{_pm(r.slide_mean_pcc, r.slide_mean_pcc_sd)} | {r.n_genes} | {r.n_folds} | {r.wall_time_s:.1f} |"
+            f"| {r.model} | {r.level} | {r.evaluated_on} | {r.control} | {_pm(r.pcc_mean, r.pcc_sd)} | "
+            f"{r.n_collapsed} | {_num(r.moran_rank_agreement)} | {_pm(r.slide_mean_pcc, r.slide_mean_pcc_sd)} | "
+            f"{_num(r.pathway_pcc)} | {_num(r.pathway_collapse_index)} | {r.n_genes} | {r.n_folds} | "
+            f"{r.wall_time_s:.1f} |"
         )
     lines += [
         "",
@@ -42,6 +49,11 @@ def summary_markdown(table: pd.DataFrame) -> str:
         "- *slide mean*: Pearson r per gene across all held-out slides (pooled over folds) between predicted "
         "and measured mean log1p expression; mean ± sd over genes. Global (slide-level) models are scored "
         "only this way; dense models get it from the mean of their spot predictions.",
+        "- A collapsed (constant) prediction scores r = 0, never NaN; *collapsed* counts such gene x slide pairs.",
+        "- *Moran's I rank agreement*: Spearman r over genes between measured and predicted Moran's I.",
+        "- *control*: held-out slides scored as they are (`none`), mirrored or rotated (shortcut control).",
+        "- *pathway PCC*: named pathway maps against activity from all measured genes; *collapse index*: "
+        "median pairwise |r| between predicted pathway maps (1: one map under many names).",
         "- Wall time: fitting, prediction and scoring over all folds.",
         "",
     ]
@@ -54,6 +66,8 @@ def per_gene_pcc(long: pd.DataFrame) -> dict[str, np.ndarray]:
     for model, d in long.groupby("model", sort=False):
         level = d["level"].iloc[0]
         sel = d[d["evaluated_on"] == ("spot" if level == "spot" else "slide mean")]
+        if "control" in sel:
+            sel = sel[sel["control"].fillna("none") == "none"]
         vals = sel.groupby("gene")["pearson"].mean().to_numpy(dtype=float)
         out[f"{model}\n({'spot' if level == 'spot' else 'slide mean'})"] = vals[np.isfinite(vals)]
     return out
