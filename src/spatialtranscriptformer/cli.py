@@ -42,9 +42,16 @@ def _demo(args: argparse.Namespace) -> int:
 
     metrics = run_demo(args.out, backbone=args.backbone, weights=args.weights, model=args.model,
                        n_genes=args.genes, max_epochs=args.epochs, seed=args.seed, progress=not args.quiet)
-    summary = metrics.groupby("model")["pearson"].agg(["mean", "median", "count"])
-    print(f"Held-out region, per-gene Pearson r (top-{args.genes} variable genes):")
-    print(summary.round(3).to_string())
+    info = metrics.attrs["summary"]
+    print(f"Held-out region ({info['held_out_spots']} spots), per-gene Pearson r of the top-{args.genes} variable "
+          "genes of the training spots:")
+    for name, m in info["models"].items():
+        line = f"  {name:10s} mean r {m['mean_pearson_held_out']:.3f}"
+        if "pathway_pearson_held_out" in m:
+            line += (f"; {m['n_pathways']} named pathway maps, mean r {m['pathway_pearson_held_out']:.3f}, "
+                     f"collapse index {m['pathway_collapse_index']:.2f} (measured {m['measured_pathway_collapse_index']:.2f})")
+        print(line)
+    print(info["verdict"])
     print(f"Outputs written to {args.out}")
     return 0
 
@@ -73,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--weights", default=None, help="backbone weight file (for backbones that need weights)")
     d.add_argument("--model", default="stf", help="model to fit (default: stf)")
     d.add_argument("--genes", type=_positive_int, default=50, help="number of most variable genes (default: 50)")
-    d.add_argument("--epochs", type=_positive_int, default=60, help="training epochs (default: 60)")
+    d.add_argument("--epochs", type=_positive_int, default=None,
+                   help="training epochs (default: the library's, 30)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_demo)
