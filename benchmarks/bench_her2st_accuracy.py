@@ -1,28 +1,34 @@
-"""her2st accuracy: SpatialTranscriptFormer vs the HEST ridge probe, leave-one-section-out.
+"""her2st accuracy: the SpatialTranscriptFormer's defaults against linear probes, leave-one-section-out.
 
-    python benchmarks/bench_her2st_accuracy.py [--backbone handcrafted|tiny] [--config NAME ...]
-        [--select NAME ...] [--seeds 0 1 2]
+    python benchmarks/bench_her2st_accuracy.py [--backbone handcrafted|tiny] [--seeds 0 1 2]
+        [--configs NAME ...] [--quick]
 
 Protocol (HEST-Benchmark, Jaume et al. 2024, adapted to one patient): the four real sections C2-C5 of
 her2st patient C (Andersson et al. 2021) from ``../shared/data/her2st``; frozen embeddings of 112 µm
-tiles; targets log1p raw counts of the 50 most variable genes, chosen on the training sections of each
-fold (``stf.tl.cross_validate`` re-selects them per fold); metric: Pearson r per gene across the spots of
-the held-out section, averaged over genes, then over the four folds. The ridge probe is the HEST probe
-(StandardScaler -> PCA(256) -> Ridge, ``stf.tl.fit(model="ridge")``).
+tiles; targets log1p raw counts of the 50 most variable genes, chosen on the *training* sections of each
+fold (the same list for every model of the fold); metric: Pearson r per gene across the spots of the
+held-out section (a collapsed, constant prediction scores 0), averaged over genes, then over the four
+folds; mean ± sd over seeds. Nothing is selected on the held-out section: every model runs with the
+settings listed in ``CONFIGS``, fixed before this script is run.
 
-STF settings are fixed before looking at the test folds (``--config``), or chosen per fold by an inner
-leave-one-section-out over that fold's three training sections only (``--select A B ...``; nested CV:
-the held-out section never influences the choice). Embeddings are cached in
-``benchmarks/results/her2st_emb_<backbone>.npz``.
+Shortcut control: serial sections of one patient share their layout, so each held-out section is also
+scored with its coordinates mirrored and rotated by a quarter turn (``stf.tl.cross_validate(controls=)``).
+A model that memorised where tissue sits on the array (the previous defaults' absolute positional
+encoding) loses there; one that reads tissue and neighbourhood does not.
+
+Also reported: the mean r of the STF's 50 named Hallmark maps against the activity computed from all
+measured genes, their collapse index (median pairwise |r| between maps), the Spearman agreement of
+observed and predicted Moran's I over genes, collapsed genes, and fit wall time (s per fold).
 
 Backbones: ``handcrafted`` (46-d stain / colour / texture statistics, no weights) and ``tiny`` (timm
-``resnet10t``, randomly initialised with seed 0, 512-d, 224 px at 0.5 µm/px; *random* features, a
-sanity baseline, not a foundation model).
+``resnet10t``, randomly initialised with seed 0, 512-d, 224 px at 0.5 µm/px: *random* features, a
+sanity baseline, not a foundation model). Embeddings are cached in ``benchmarks/results/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -31,30 +37,29 @@ import pandas as pd
 from _common import RESULTS, SHARED, write_result
 
 SECTIONS = ("C2", "C3", "C4", "C5")
+CONTROLS = ("mirror", "rot90")
 
-# STF configurations: keyword arguments of ``stf.tl.fit`` on top of ``COMMON``. "default" is the library
-# default; the others use a small, strongly regularised model (3 training sections, ~550 spots) trained
-# for a fixed number of epochs on all training sections (no validation section taken away from them).
-COMMON = {"genes": 50, "progress": False, "seed": 0}
-SMALL = {"token_dim": 64, "n_heads": 4, "n_layers": 1, "dropout": 0.2}
-FIXED = {"model_kwargs": SMALL, "validation": None, "max_epochs": 30, "lr": 3e-3}
-CONFIGS: dict[str, dict] = {
-    # D=256, 2 layers, mse_pcc, lr 1e-3, early stopping on one of the three training sections
-    "default": {},
-    "small": {"model_kwargs": SMALL},
-    "small_fixed": FIXED,
-    "small_fixed_pcc": {**FIXED, "loss": "pcc"},
-    "small_fixed_pcc_60": {**FIXED, "loss": "pcc", "max_epochs": 60},
-    "small_fixed_reg": {**FIXED, "model_kwargs": {**SMALL, "dropout": 0.3}, "weight_decay": 0.1},
-    "small_fixed_noh2h": {**FIXED, "model_kwargs": {**SMALL, "n_layers": 2}, "interactions": ("p2p", "p2h", "h2p")},
-    "small_fixed_pw": {**FIXED, "pathway_loss_weight": 0.1},
-    "small_fixed_pwinit": {**FIXED, "pathway_init": True},
-    "d256_fixed": {**FIXED, "model_kwargs": {}, "lr": 1e-3},
+PREVIOUS_DEFAULTS = {  # the library's defaults before the model-truth round (for the before/after rows)
+    "model_kwargs": {"token_dim": 256, "n_layers": 2, "dropout": 0.1, "interactions": "all",
+                     "positional_encoding": "sinusoidal", "gene_head": "pathways"},
+    "pathway_loss_weight": 0.0, "context_radius": None, "output_smoothing": 0.0, "validation": "patient",
+    "max_epochs": 100, "lr": 1e-3, "gene_sets": None,
+}
+# name -> (model, fit keyword arguments, deterministic)
+CONFIGS: dict[str, tuple[str, dict, bool]] = {
+    "stf (defaults)": ("stf", {}, False),
+    "stf (previous defaults)": ("stf", PREVIOUS_DEFAULTS, False),
+    "ridge (HEST probe)": ("ridge", {}, True),
+    "ridge_cv (alpha by inner LOSO)": ("ridge_cv", {}, True),
+    "he2rna": ("he2rna", {}, False),
+    "ridge_cv + neighbourhood context": ("ridge_cv", {"context_radius": 1.5}, True),
+    "ridge_cv + context + smoothing": ("ridge_cv", {"context_radius": 1.5, "output_smoothing": 0.3}, True),
+    "he2rna + context + smoothing": ("he2rna", {"context_radius": 1.5, "output_smoothing": 0.3}, False),
 }
 
 
 def load_sections(backbone: str, folder) -> list:
-    """The four sections with ``obsm['X_<backbone>']`` (embeddings computed once, then cached)."""
+    """The four sections' tables with ``obsm['X_<backbone>']`` (embeddings computed once, then cached)."""
     import spatialtranscriptformer as stf
 
     key = f"X_{backbone}"
@@ -67,7 +72,7 @@ def load_sections(backbone: str, folder) -> list:
                 if list(z[f"{sec}_obs"]) != list(t.obs_names):
                     raise ValueError(f"Cached embeddings of {sec} do not match its spots; delete {cache}.")
                 t.obsm[key] = z[sec]
-        return slides
+        return [s.tables["table"] for s in slides]
     slides = stf.datasets.her2st(list(SECTIONS), path=folder)
     t0 = time.perf_counter()
     if backbone == "handcrafted":
@@ -90,121 +95,116 @@ def load_sections(backbone: str, folder) -> list:
         arrays[sec] = np.asarray(t.obsm[key], dtype=np.float32)
         arrays[f"{sec}_obs"] = np.asarray(t.obs_names, dtype=str)
     np.savez(cache, **arrays)
-    return slides
+    return [s.tables["table"] for s in slides]
 
 
-def zscore_per_slide(tables, key: str) -> str:
-    """Add ``obsm[key + '_z']``: each section's embeddings z-scored with that section's own statistics.
+def run_config(tables, name: str, key: str, seed: int, *, quick: bool) -> dict:
+    """One configuration, one seed: per-fold gene r for each control, pathway metrics, wall time."""
+    import spatialtranscriptformer as stf
+    from spatialtranscriptformer._stats import mean_r, rank_agreement
 
-    Unsupervised and applied identically to training and held-out sections (no targets, no other
-    section involved), so it leaks nothing; it removes per-section stain / scanner offsets and puts all
-    features on one scale (the STF projects raw features linearly; the ridge probe standardises itself).
-    """
-    out = f"{key}_z"
-    for t in tables:
-        x = np.asarray(t.obsm[key], dtype=np.float64)
-        t.obsm[out] = ((x - x.mean(0)) / np.maximum(x.std(0), 1e-6)).astype(np.float32)
+    model, kw, _ = CONFIGS[name]
+    kw = dict(kw)
+    if quick:
+        kw["max_epochs"] = 2
+    t0 = time.perf_counter()
+    res = stf.tl.cross_validate(tables, model=model, groups="slide", genes=50, controls=CONTROLS,
+                                embedding_key=key, seed=seed, progress=False, **kw)
+    wall = (time.perf_counter() - t0) / len(SECTIONS)
+    out = {"wall_per_fold": wall, "r": {}, "n_collapsed": int(res["collapsed"].sum()), "moran": {}}
+    for (control, fold), d in res.groupby(["control", "fold"]):
+        out["r"].setdefault(control, {})[fold] = mean_r(d["pearson"].to_numpy(float))
+        if control == "none":
+            out["moran"][fold] = rank_agreement(d["moran_true"].to_numpy(float), d["moran_pred"].to_numpy(float))
+    pw = res.attrs.get("pathways")
+    if pw is not None:
+        out["pathway_r"] = {f: mean_r(d["pearson"].to_numpy(float)) for f, d in pw.groupby("fold")}
+        out["n_pathways"] = int(pw.groupby("fold")["pathway"].nunique().min())
     return out
 
 
-def fold_scores(res: pd.DataFrame) -> pd.Series:
-    """Mean Pearson r over genes per held-out section (NaN genes, e.g. constant ones, skipped)."""
-    return res.groupby("fold")["pearson"].mean()
-
-
-def run_cv(tables, *, model: str, embedding_key: str, **kw) -> tuple[pd.Series, float]:
-    """Leave-one-section-out scores of ``model`` and wall time."""
+def collapse_indices(tables, key: str, seed: int, *, quick: bool) -> dict:
+    """Collapse index of the STF's predicted pathway maps and of the measured activities, per held-out section."""
     import spatialtranscriptformer as stf
+    from spatialtranscriptformer._stats import collapse_index
 
-    t0 = time.perf_counter()
-    res = stf.tl.cross_validate(tables, model=model, groups="slide", embedding_key=embedding_key, **kw)
-    return fold_scores(res), time.perf_counter() - t0
-
-
-def nested(tables, *, names: list[str], embedding_key: str, seed: int) -> tuple[pd.Series, float, dict]:
-    """Outer LOSO; per fold, the config with the best inner-LOSO mean r on the training sections."""
-    import spatialtranscriptformer as stf
-
-    t0 = time.perf_counter()
-    ids = [str(t.obs["slide_id"].iloc[0]) for t in tables]
-    scores, chosen = {}, {}
-    for i, test_id in enumerate(ids):
+    out = {}
+    for i, sec in enumerate(SECTIONS):
         train = [t for j, t in enumerate(tables) if j != i]
-        inner = {}
-        for name in names:
-            kw = {**COMMON, **CONFIGS[name], "seed": seed}
-            inner[name] = float(fold_scores(stf.tl.cross_validate(
-                train, model="stf", groups="slide", embedding_key=embedding_key, **kw)).mean())
-        best = max(inner, key=inner.get)
-        chosen[test_id] = (best, inner)
-        m = stf.tl.fit(train, model="stf", embedding_key=embedding_key, **{**COMMON, **CONFIGS[best], "seed": seed})
+        m = stf.tl.fit(train, embedding_key=key, seed=seed, progress=False, **({"max_epochs": 2} if quick else {}))
         test = tables[i].copy()
         stf.tl.predict(test, m, progress=False)
-        scores[test_id] = float(stf.tl.evaluate(test)["pearson"].mean())
-    return pd.Series(scores), time.perf_counter() - t0, chosen
+        stf.pp.pathway_activity(test)
+        qc = np.asarray(test.layers["counts"].sum(1)).ravel() >= 1
+        pred = test.obsm["stf_pathways"].to_numpy()[qc]
+        true = test.obsm["pathway_activity"][test.obsm["stf_pathways"].columns].to_numpy()[qc]
+        out[sec] = (collapse_index(pred), collapse_index(true))
+    return out
+
+
+def pm(values) -> str:
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.3f} ± {v.std():.3f}"
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="handcrafted", choices=["handcrafted", "tiny"])
-    p.add_argument("--config", nargs="*", default=["small_fixed_pcc"], choices=list(CONFIGS),
-                   help="fixed STF configurations to run (a priori settings)")
-    p.add_argument("--select", nargs="*", default=[], choices=list(CONFIGS),
-                   help="candidate configurations chosen per fold by inner LOSO on the training sections")
-    p.add_argument("--seeds", nargs="*", type=int, default=[0])
-    p.add_argument("--no-ridge", action="store_true")
-    p.add_argument("--raw", action="store_true",
-                   help="use the raw embeddings (default: z-scored per section, see `zscore_per_slide`)")
+    p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    p.add_argument("--quick", action="store_true", help="2 epochs (a smoke run of the script, not a result)")
     args = p.parse_args()
 
     folder = SHARED / "her2st"
     if not all((folder / s).is_dir() for s in SECTIONS):
         print(f"SKIP: her2st sections {SECTIONS} not found under {folder}.")
         return
+    import torch
+
     import spatialtranscriptformer as stf
 
+    torch.set_num_threads(1)
     stf.settings.progress = False
-    import logging
-    import warnings
+    key = f"X_{args.backbone}"
+    tables = load_sections(args.backbone, folder)
+    results: dict[str, list[dict]] = {}
+    for name in args.configs:
+        seeds = args.seeds[:1] if CONFIGS[name][2] else args.seeds
+        results[name] = []
+        for seed in seeds:
+            results[name].append(run_config(tables, name, key, seed, quick=args.quick))
+            r = results[name][-1]["r"]["none"]
+            print(f"{name} seed {seed}: mean r {np.mean(list(r.values())):.4f}", flush=True)
+    coll = [collapse_indices(tables, key, s, quick=args.quick) for s in args.seeds] if "stf (defaults)" in results else []
 
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*Pathway tokens stay unnamed.*")
-
-    raw = f"X_{args.backbone}"
-    tables = [s.tables["table"] for s in load_sections(args.backbone, folder)]
-    key = raw if args.raw else zscore_per_slide(tables, raw)
-    rows: dict[str, tuple[pd.Series, float]] = {}
-    notes = []
-    if not args.no_ridge:
-        rows["ridge (HEST probe), raw embeddings"] = run_cv(tables, model="ridge", embedding_key=raw, genes=50)
-        if key != raw:
-            rows["ridge (HEST probe), per-section z-scored"] = run_cv(tables, model="ridge", embedding_key=key, genes=50)
-    for name in args.config:
-        for seed in args.seeds:
-            kw = {**COMMON, **CONFIGS[name], "seed": seed}
-            rows[f"stf `{name}` seed {seed}"] = run_cv(tables, model="stf", embedding_key=key, **kw)
-            print(f"done {name} seed {seed}: {rows[f'stf `{name}` seed {seed}'][0].mean():.4f}", flush=True)
-    if args.select:
-        for seed in args.seeds:
-            s, t, chosen = nested(tables, names=args.select, embedding_key=key, seed=seed)
-            rows[f"stf nested-selected seed {seed}"] = (s, t)
-            for fold, (best, inner) in chosen.items():
-                notes.append(f"- seed {seed}, fold {fold}: chose `{best}`; inner mean r "
-                             + ", ".join(f"{k} {v:.3f}" for k, v in inner.items()))
-
-    head = "| model | " + " | ".join(SECTIONS) + " | mean r | wall s |\n|---|" + "---:|" * (len(SECTIONS) + 2) + "\n"
-    body = "".join(
-        f"| {name} | " + " | ".join(f"{s.get(sec, np.nan):.3f}" for sec in SECTIONS)
-        + f" | **{s.mean():.3f}** | {t:.0f} |\n"
-        for name, (s, t) in rows.items()
-    )
-    text = (f"## her2st leave-one-section-out, top-50 HVGs (per fold), backbone `{args.backbone}`\n\n"
-            "Pearson r per gene across the held-out section's spots, mean over genes (per fold) and over folds. "
-            f"STF on `obsm['{key}']`.\n\n"
-            + head + body + ("\n" + "\n".join(notes) + "\n" if notes else ""))
+    lines = [f"## her2st leave-one-section-out, backbone `{args.backbone}`, seeds {args.seeds}", "",
+             "Mean Pearson r over the 50 genes per held-out section (genes chosen on the training sections); "
+             "mean ± sd over seeds (deterministic models: one run). `mirror` / `rot90`: the held-out section's "
+             "coordinates mirrored / rotated (shortcut control).", "",
+             "| model | control | " + " | ".join(SECTIONS) + " | mean r | fit+predict s/fold |",
+             "|---|---|" + "---:|" * (len(SECTIONS) + 2)]
+    for name, runs in results.items():
+        for control in ("none", *CONTROLS):
+            per_fold = {f: [r["r"][control][f] for r in runs] for f in SECTIONS}
+            means = [np.mean([r["r"][control][f] for f in SECTIONS]) for r in runs]
+            lines.append(f"| {name} | {control} | " + " | ".join(pm(per_fold[f]) for f in SECTIONS)
+                         + f" | **{pm(means)}** | {np.mean([r['wall_per_fold'] for r in runs]):.0f} |")
+    lines += ["", "| model | collapsed genes | Moran's I rank agreement (mean over folds) | pathway maps | "
+              "pathway r (mean over folds) |", "|---|---:|---:|---:|---:|"]
+    for name, runs in results.items():
+        moran = [np.mean(list(r["moran"].values())) for r in runs]
+        pw = [np.mean(list(r["pathway_r"].values())) for r in runs if "pathway_r" in r]
+        npw = runs[0].get("n_pathways", 0)
+        lines.append(f"| {name} | {sum(r['n_collapsed'] for r in runs)} | {pm(moran)} | {npw} | "
+                     f"{pm(pw) if pw else 'n/a'} |")
+    if coll:
+        lines += ["", "STF defaults, collapse index of the 50 predicted pathway maps per held-out section "
+                  "(median pairwise |r|; measured activities in brackets): "
+                  + ", ".join(f"{s} {pm([c[s][0] for c in coll])} ({coll[0][s][1]:.3f})" for s in SECTIONS)]
+    text = "\n".join(lines) + "\n"
     write_result(f"her2st_accuracy_{args.backbone}", text)
+    (RESULTS / f"her2st_accuracy_{args.backbone}.json").write_text(json.dumps(
+        {"results": results, "collapse": coll}, indent=1, default=float))
 
 
 if __name__ == "__main__":
