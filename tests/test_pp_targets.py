@@ -105,3 +105,24 @@ def test_normalize_keeps_raw_counts_and_rejects_bad_counts():
         stf.pp.normalize(bad)
     with pytest.raises(ValueError, match="method"):
         stf.pp.normalize(a, method="zscore")
+
+
+def test_gene_selection_flavors(bundled_sdata):
+    from spatialtranscriptformer.pp._genes import select_top_genes
+
+    t = bundled_sdata.tables["table"]
+    var = select_top_genes([t], 20)
+    seurat = select_top_genes([t], 20, flavor="seurat")
+    assert len(seurat) == len(set(seurat)) == 20 and set(seurat) <= set(t.var_names)
+    assert set(var) != set(seurat)  # two conventions: variance of log1p counts vs scanpy's normalised dispersion
+    # the dispersion-based choice is scanpy's own
+    import scanpy as sc
+
+    a = t.copy()
+    a.X = a.layers["counts"].copy()
+    sc.pp.normalize_total(a, target_sum=1e4)
+    sc.pp.log1p(a)
+    ref = sc.pp.highly_variable_genes(a, n_top_genes=20, flavor="seurat", inplace=False)
+    assert set(seurat) == set(a.var_names[ref["highly_variable"].to_numpy()])
+    with pytest.raises(ValueError, match="flavor"):
+        select_top_genes([t], 20, flavor="cell_ranger")
