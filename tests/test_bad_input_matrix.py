@@ -574,6 +574,18 @@ CASES: list[Case] = [
          lambda d, R, t: stf.tl.predict(d, R.model), ("X_toy", "Slide 1")),
     Case("predict duplicate gene names", "tl", lambda R, t: _dup_var(R.toy("C", "P3", 2)),
          lambda a, R, t: stf.tl.predict(a, R.model), ("duplicate gene",)),
+    Case("predict key_added is the expression table", "tl", lambda R, t: _toy_sd(R),
+         lambda d, R, t: stf.tl.predict(d, R.model, key_added="table"), ("'table'", "expression table")),
+    Case("predict over a table it did not write", "tl", lambda R, t: _toy_sd(R, mine=True),
+         lambda d, R, t: stf.tl.predict(d, R.model, pathway_key_added="mine"), ("'mine'", "not written")),
+    Case("predict key_added == pathway_key_added", "tl", lambda R, t: R.toy("C", "P3", 2),
+         lambda a, R, t: stf.tl.predict(a, R.model, key_added="p", pathway_key_added="p"), ("'p'", "pathway_key_added")),
+    Case("evaluate spots column not boolean", "tl", lambda R, t: _predicted(R),
+         lambda a, R, t: stf.tl.evaluate(a, spots="slide_id"), ("spots", "slide_id", "boolean")),
+    Case("evaluate the table of a SpatialData alone", "tl", lambda R, t: _predicted(R, sdata=True).tables["table"],
+         lambda a, R, t: stf.tl.evaluate(a), ("stf_pred", "pass the SpatialData")),
+    Case("pl.spatial a gene the model does not predict", "pl", lambda R, t: _predicted(R, extra_gene=True),
+         lambda a, R, t: stf.pl.spatial(a, genes="G8", show=False), ("G8", "no prediction", "stf_pred")),
     Case("predict super-resolution list, second slide lacks mpp", "tl", lambda R, t: [_copy_sd(R.small_slide), _no_mpp_slide(R)],
          lambda d, R, t: stf.tl.predict(d, R.sr_model, progress=False), ("mpp",)),
     # --- save / load -------------------------------------------------------------------------------------------
@@ -657,6 +669,33 @@ def _copy_sd(s):
     from spatialdata import deepcopy
 
     return deepcopy(s)
+
+
+def _toy_sd(R, *, mine: bool = False, table=None):
+    """A toy slide as a SpatialData whose table annotates shapes 'spots' (optionally beside a user table 'mine')."""
+    from spatialdata import SpatialData
+    from spatialdata.models import TableModel
+
+    a = R.toy("C", "P3", 2) if table is None else table
+    a.obs["region"] = pd.Categorical(["spots"] * a.n_obs)
+    a.obs["spot_id"] = np.arange(a.n_obs)
+    tables = {"table": TableModel.parse(a, region="spots", region_key="region", instance_key="spot_id")}
+    if mine:
+        tables["mine"] = ad.AnnData(np.zeros((2, 2), np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # annotates 'spots', not in this SpatialData
+        return SpatialData(tables=tables)
+
+
+def _predicted(R, *, sdata: bool = False, extra_gene: bool = False):
+    """A toy slide after `stf.tl.predict` (an AnnData, or a SpatialData); ``extra_gene``: a measured gene G8 the
+    model does not predict."""
+    a = R.toy("C", "P3", 2, genes=[f"G{i}" for i in range(9)] if extra_gene else None)
+    d = _toy_sd(R, table=a) if sdata else a
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        stf.tl.predict(d, R.model, progress=False)
+    return d
 
 
 def _edit_json(path: Path, **changes):

@@ -41,7 +41,12 @@ def test_stf_demo_end_to_end(tmp_path):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries, no locks
     from spatialdata import read_zarr
 
-    t = read_zarr(tmp_path / "her2st_C2.zarr").tables["table"]  # moved into place as a readable store
+    back = read_zarr(tmp_path / "her2st_C2.zarr")  # moved into place as a readable store
+    t = back.tables["table"]
+    # each model's predictions are its own tables, linked to the spots like the expression table
+    assert {"stf_pred", "stf_pathways", "ridge_pred", "ridge_cv_pred"} <= set(back.tables)
+    assert back.tables["stf_pred"].n_vars == 8 and back.tables["stf_pathways"].n_vars == 50
+    assert back.tables["stf_pred"].obs_names.equals(t.obs_names)
     assert t.obs["stf_split"].value_counts().to_dict() == {"train": summary["training_spots"],
                                                             "held_out": summary["held_out_spots"]}
     assert t.uns["stf_demo"]["verdict"] == summary["verdict"]

@@ -33,8 +33,11 @@ def _close_figures():
 
 @pytest.fixture(scope="module")
 def slide(bundled_sdata):
-    """The bundled section with 12 genes, fake predictions and pathway scores (a copy of the table)."""
+    """The bundled section with 12 genes and fake prediction tables, as `stf.tl.predict` writes them: predicted
+    expression of the first 10 genes (`tables['stf_pred']`) and pathway scores (`tables['stf_pathways']`)."""
     from spatialdata import SpatialData
+
+    from spatialtranscriptformer.tl._prediction_table import build_table
 
     src = bundled_sdata.tables["table"]
     counts = src.layers["counts"]
@@ -45,15 +48,25 @@ def slide(bundled_sdata):
     dense = (
         table.layers["counts"].toarray() if sp.issparse(table.layers["counts"]) else table.layers["counts"]
     )
-    table.layers["stf_pred"] = np.log1p(dense) * 0.5 + rng.normal(0, 0.4, dense.shape)
+    pred = np.log1p(dense) * 0.5 + rng.normal(0, 0.4, dense.shape)
     scores = pd.DataFrame(rng.normal(size=(table.n_obs, 3)), index=table.obs_names, columns=PATHWAYS)
-    table.obsm["stf_pathways"] = scores
     table.obsm["pathway_activity"] = scores + rng.normal(0, 1, scores.shape)
-    return SpatialData(
+    rec = {"params": {}, "target_space": "log1p", "level": "spot"}
+    sdata = SpatialData(
         images={"he": bundled_sdata.images["he"]},
         shapes={"spots": bundled_sdata.shapes["spots"]},
         tables={"table": table},
     )
+    sdata.tables["stf_pred"] = build_table(table, pred[:, :10], genes[:10], key="stf_pred",
+                                           record={**rec, "kind": "expression"})
+    sdata.tables["stf_pathways"] = build_table(table, scores.to_numpy(), PATHWAYS, key="stf_pathways",
+                                               record={**rec, "kind": "pathways"})
+    return sdata
+
+
+def predicted(slide, name, key="stf_pred"):
+    """The predicted map of a gene (or pathway) from its prediction table."""
+    return np.asarray(slide.tables[key][:, name].X, dtype=float).ravel()
 
 
 def snapshot(adata):
@@ -98,7 +111,7 @@ def test_spatial_panels_titles_shared_scale_and_pearson(slide, tmp_path):
         assert obs_ax.get_title() == f"{g} · counts"
         assert pred_ax.get_title().startswith(f"{g} · stf_pred\nPearson r = ")
         obs = np.log1p(np.asarray(table[:, g].layers["counts"].todense()).ravel())
-        pred = np.asarray(table[:, g].layers["stf_pred"]).ravel()
+        pred = predicted(slide, g)
         r = np.corrcoef(obs, pred)[0, 1]
         assert pred_ax.get_title().endswith(f"{r:.2f}")
         # one colour scale per gene, spanning both layers; counts shown on the log1p scale
@@ -115,7 +128,7 @@ def test_spatial_spot_size_is_physical_and_user_axes(slide):
     table = slide.tables["table"]
     meta = table.uns["stf_slide"]
     fig, axs = plt.subplots(1, 2)
-    ret = stf.pl.spatial(table, genes=table.var_names[0], ax=axs, show_image=False, show=False)
+    ret = stf.pl.spatial(slide, genes=table.var_names[0], ax=axs, show_image=False, show=False)
     assert ret.shape == (1, 2) and ret[0, 0] is axs[0]
     (coll,) = collections_of(axs[0])
     expected = meta["spot_diameter_um"] / meta["mpp"]  # diameter in full-resolution pixels
@@ -147,15 +160,34 @@ def test_spatial_log1p_control(slide):
     raw = np.asarray(table[:, g].layers["counts"].todense()).ravel()
     np.testing.assert_allclose(np.asarray(collections_of(axs[0, 0])[0].get_array()), raw)
     axs = stf.pl.spatial(
-        table, genes=g, layers=["counts", "stf_pred"], log1p=["counts"], show_image=False, show=False
+        slide, genes=g, layers=["counts", "stf_pred"], log1p=["counts"], show_image=False, show=False
     )
     np.testing.assert_allclose(np.asarray(collections_of(axs[0, 0])[0].get_array()), np.log1p(raw))
-    pred = np.asarray(table[:, g].layers["stf_pred"]).ravel()
-    np.testing.assert_allclose(np.asarray(collections_of(axs[0, 1])[0].get_array()), pred)
+    pred = predicted(slide, g)
+    np.testing.assert_allclose(np.asarray(collections_of(axs[0, 1])[0].get_array()), pred, rtol=1e-6)
     with pytest.raises(ValueError, match="negative values"):
-        stf.pl.spatial(table, genes=g, layers=["stf_pred"], log1p=["stf_pred"], show=False)
+        stf.pl.spatial(slide, genes=g, layers=["stf_pred"], log1p=["stf_pred"], show=False)
     with pytest.raises(ValueError, match="not plotted"):
-        stf.pl.spatial(table, genes=g, layers=["counts"], log1p=["stf_pred"], show=False)
+        stf.pl.spatial(slide, genes=g, layers=["counts"], log1p=["stf_pred"], show=False)
+
+
+def test_spatial_gene_the_model_does_not_predict_is_an_error_not_a_zero_map(slide):
+    table = slide.tables["table"]
+    unpredicted = table.var_names[11]  # measured, not among the model's genes
+    n_figs = len(plt.get_fignums())
+    with pytest.raises(KeyError, match=f"no prediction for \\['{unpredicted}'\\].*predicts 10 genes"):
+        stf.pl.spatial(slide, genes=[table.var_names[0], unpredicted], show=False)
+    assert len(plt.get_fignums()) == n_figs  # nothing drawn
+    axs = stf.pl.spatial(slide, genes=unpredicted, layers=["counts"], show_image=False, show=False)
+    assert axs.shape == (1, 1)  # its measured map is still available
+    # predictions on an AnnData (obsm) and an old-style layer of the table are both read
+    ad = table.copy()
+    ad.obsm["stf_pred"] = slide.tables["stf_pred"].to_df()
+    axs = stf.pl.spatial(ad, genes=table.var_names[0], show_image=False, show=False)
+    np.testing.assert_allclose(np.asarray(collections_of(axs[0, 1])[0].get_array()), predicted(slide, table.var_names[0]),
+                               rtol=1e-6)
+    with pytest.raises(KeyError, match="no prediction for"):
+        stf.pl.spatial(ad, genes=unpredicted, show=False)
 
 
 def test_spatial_bad_input(slide, tmp_path):
@@ -164,7 +196,7 @@ def test_spatial_bad_input(slide, tmp_path):
     n_figs = len(plt.get_fignums())
     with pytest.raises(KeyError, match="NOT_A_GENE"):
         stf.pl.spatial(slide, genes=["NOT_A_GENE"], show=False)
-    with pytest.raises(KeyError, match="available layers"):
+    with pytest.raises(KeyError, match="neither a layer of the table"):
         stf.pl.spatial(slide, genes=table.var_names[0], layers=["counts", "nope"], show=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         stf.pl.spatial(slide, genes=table.var_names[0], save=tmp_path / "missing" / "f.png", show=False)
@@ -182,7 +214,7 @@ def test_spatial_bad_input(slide, tmp_path):
 
 def test_show_none_returns_none(slide):
     assert (
-        stf.pl.spatial(slide.tables["table"], genes=slide.tables["table"].var_names[0], show_image=False)
+        stf.pl.spatial(slide, genes=slide.tables["table"].var_names[0], show_image=False)
         is None
     )
 
@@ -201,7 +233,7 @@ def test_pathways_grid_and_names(slide, tmp_path):
     assert [flat(a.get_title()) for a in axs.ravel()[:3]] == [short(PATHWAYS[i]) for i in (0, 2, 1)]
     assert not axs[1, 1].get_visible()
     vals = np.asarray(collections_of(axs[0, 0])[0].get_array())
-    np.testing.assert_allclose(vals, table.obsm["stf_pathways"][PATHWAYS[0]].to_numpy())
+    np.testing.assert_allclose(vals, predicted(slide, PATHWAYS[0], "stf_pathways"), rtol=1e-6)
     norm = collections_of(axs[0, 0])[0].norm
     assert np.isclose(-norm.vmin, norm.vmax)  # centred on 0 for scores of both signs
     assert_unchanged(before, table)
@@ -211,9 +243,7 @@ def test_pathways_targets_vs_predictions(slide):
     table = slide.tables["table"]
     axs = stf.pl.pathways(slide, pathways="hypoxia", key=["pathway_activity", "stf_pathways"], show=False)
     assert axs.shape == (1, 2)
-    r = np.corrcoef(table.obsm["pathway_activity"][PATHWAYS[0]], table.obsm["stf_pathways"][PATHWAYS[0]])[
-        0, 1
-    ]
+    r = np.corrcoef(table.obsm["pathway_activity"][PATHWAYS[0]], predicted(slide, PATHWAYS[0], "stf_pathways"))[0, 1]
     assert flat(axs[0, 0].get_title()) == f"{short(PATHWAYS[0])} · pathway_activity"
     assert flat(axs[0, 1].get_title()) == f"{short(PATHWAYS[0])} · stf_pathways Pearson r = {r:.2f}"
 
@@ -221,7 +251,9 @@ def test_pathways_targets_vs_predictions(slide):
 def test_pathways_bad_input(slide):
     table = slide.tables["table"].copy()
     with pytest.raises(KeyError, match="not found"):
-        stf.pl.pathways(table, pathways=["NOT_A_PATHWAY"], show=False)
+        stf.pl.pathways(slide, pathways=["NOT_A_PATHWAY"], show=False)
+    with pytest.raises(KeyError, match="No pathway scores 'stf_pathways'"):
+        stf.pl.pathways(table, pathways=["hypoxia"], show=False)  # the table alone: the scores are another table
     with pytest.raises(KeyError, match="obsm\\['missing'\\]"):
         stf.pl.pathways(table, pathways=["hypoxia"], key="missing", show=False)
     table.obsm["arr"] = np.zeros((table.n_obs, 2))

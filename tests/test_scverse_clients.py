@@ -7,6 +7,7 @@ import warnings
 
 import matplotlib
 import numpy as np
+import pandas as pd
 import pytest
 
 import spatialtranscriptformer as stf
@@ -153,3 +154,148 @@ def test_micron_coordinate_system(slides, name):
     # the image's far corner in µm = its extent in coordinate units times mpp
     units = get_transformation(img, K.COORDINATE_SYSTEM).to_affine_matrix(("x", "y"), ("x", "y"))
     np.testing.assert_allclose(m[:2, :2] @ [w, h], units[:2, :2] @ [w, h] * mpp, rtol=1e-9)
+
+
+# --- predictions: the tables written by stf.tl.predict, read by the clients as they are --------------------
+PATHWAY = "HALLMARK_HYPOXIA"
+
+
+@pytest.fixture(scope="module")
+def predicted(bundled_sdata):
+    """The bundled section with the prediction tables of a small STF (named Hallmark tokens), and that model."""
+    from spatialdata import deepcopy
+
+    sdata = deepcopy(bundled_sdata)
+    t = sdata.tables[K.TABLE_KEY]
+    t.obsm["X_toy"] = np.random.default_rng(0).normal(size=(t.n_obs, 8)).astype(np.float32)
+    model = stf.tl.fit(sdata, embedding_key="X_toy", genes=12, max_epochs=1, accelerator="cpu", progress=False,
+                       model_kwargs={"token_dim": 16, "n_heads": 2})
+    assert PATHWAY in model.pathways
+    stf.tl.predict(sdata, model, progress=False)
+    return sdata, model
+
+
+def _values(sdata, key, name):
+    return np.asarray(sdata.tables[key][:, name].X, dtype=float).ravel()
+
+
+def _drawn_values(ax):
+    """Colour values of the spot collection(s) drawn in ``ax`` (scanpy / squidpy draw them sorted by value)."""
+    arrays = [np.asarray(c.get_array(), dtype=float) for c in ax.collections if c.get_array() is not None]
+    return np.sort(np.concatenate(arrays)) if arrays else np.array([])
+
+
+def test_prediction_tables_are_linked_to_the_spots(predicted):
+    sdata, model = predicted
+    t = sdata.tables[K.TABLE_KEY]
+    for key, names in ((K.PRED_KEY, model.genes), (K.PRED_PATHWAY_KEY, model.pathways)):
+        p = sdata.tables[key]
+        assert list(p.var_names) == list(names) and p.obs_names.equals(t.obs_names)
+        assert p.uns["spatialdata_attrs"] == t.uns["spatialdata_attrs"]
+        np.testing.assert_array_equal(p.obs[K.INSTANCE_KEY], t.obs[K.INSTANCE_KEY])
+        np.testing.assert_array_equal(p.obsm[K.SPATIAL_KEY], t.obsm[K.SPATIAL_KEY])
+        assert p.uns[K.UNS_SPATIAL_KEY].keys() == t.uns[K.UNS_SPATIAL_KEY].keys()
+    assert len(model.genes) == 12 and t.n_vars > 15_000  # the model's genes only, not ~15k columns of zeros
+
+
+@pytest.mark.parametrize(("key", "which"), [(K.PRED_KEY, "gene"), (K.PRED_PATHWAY_KEY, "pathway")])
+def test_scanpy_and_squidpy_draw_predictions_on_the_he(predicted, key, which):
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+    import squidpy as sq
+
+    sdata, model = predicted
+    name = model.genes[0] if which == "gene" else PATHWAY
+    vals = np.sort(_values(sdata, key, name))
+    assert vals.std() > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # scanpy points to squidpy.pl.spatial_scatter
+        ax = sc.pl.spatial(sdata.tables[key], color=name, show=False)
+    ax = ax[0] if isinstance(ax, list) else ax
+    assert len(ax.get_images()) == 1
+    np.testing.assert_allclose(_drawn_values(ax), vals, rtol=1e-6)
+    plt.close("all")
+    sq.pl.spatial_scatter(sdata.tables[key], color=name)
+    ax = plt.gcf().axes[0]
+    assert len(ax.get_images()) == 1
+    np.testing.assert_allclose(_drawn_values(ax), vals, rtol=1e-6)
+    plt.close("all")
+
+
+@pytest.mark.parametrize("key", [K.PRED_KEY, K.PRED_PATHWAY_KEY])
+def test_squidpy_autocorr_scores_every_predicted_feature(predicted, key):
+    import squidpy as sq
+
+    from spatialtranscriptformer._stats import morans_i
+
+    sdata, _ = predicted
+    t = sdata.tables[key].copy()
+    knn = getattr(sq.gr, "spatial_neighbors_knn", None)
+    knn(t, n_neighs=6) if knn is not None else sq.gr.spatial_neighbors(t, n_neighs=6, coord_type="generic")
+    sq.gr.spatial_autocorr(t, mode="moran", n_perms=None)
+    moran = t.uns["moranI"]
+    assert len(moran) == t.n_vars and moran["I"].notna().all()  # no NaN rows: every column is a prediction
+    ours = pd.Series(morans_i(np.asarray(t.X, dtype=float), t.obsm[K.SPATIAL_KEY]), index=t.var_names)
+    np.testing.assert_allclose(moran["I"].loc[t.var_names], ours, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("cs", [K.COORDINATE_SYSTEM, K.MICRON_COORDINATE_SYSTEM])
+def test_spatialdata_plot_renders_prediction_tables(predicted, cs):
+    import matplotlib.pyplot as plt
+    import spatialdata_plot  # noqa: F401
+
+    sdata, model = predicted
+    for key, name in ((K.PRED_KEY, model.genes[0]), (K.PRED_PATHWAY_KEY, PATHWAY)):
+        sdata.pl.render_images(K.IMAGE_KEY).pl.render_shapes(K.SHAPES_KEY, color=name, table_name=key).pl.show(
+            coordinate_systems=cs
+        )
+        fig = plt.gcf()
+        ax = fig.axes[0]
+        assert len(ax.get_images()) == 1 and len(ax.collections) >= 1
+        faces = ax.collections[0].get_facecolors()
+        assert len(faces) == sdata.tables[key].n_obs and len(np.unique(faces.round(3), axis=0)) > 10  # a real map
+        (bar,) = [c for a in fig.axes[1:] for c in a.collections if c.get_array() is not None]  # the colourbar
+        vals = _values(sdata, key, name)
+        np.testing.assert_allclose([bar.norm.vmin, bar.norm.vmax], [vals.min(), vals.max()], rtol=1e-5)
+        plt.close("all")
+
+
+def test_anndata_predictions_as_tables_clients_read(predicted):
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    sdata, model = predicted
+    adata = sdata.tables[K.TABLE_KEY].copy()
+    for k in list(adata.uns):
+        if k == "spatialdata_attrs":
+            del adata.uns[k]
+    out = stf.tl.predict(adata, model, inplace=False, progress=False)
+    assert K.PRED_KEY not in adata.obsm  # nothing written
+    stf.tl.predict(adata, model, progress=False)
+    for key in (K.PRED_KEY, K.PRED_PATHWAY_KEY):
+        from_obsm = stf.tl.prediction_table(adata, key=key)
+        np.testing.assert_allclose(from_obsm.X, out[key].X)
+        np.testing.assert_allclose(out[key].X, sdata.tables[key].X, rtol=1e-5, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        ax = sc.pl.spatial(out[K.PRED_PATHWAY_KEY], color=PATHWAY, show=False)[0]
+    assert len(ax.get_images()) == 1
+    plt.close("all")
+
+
+def test_prediction_tables_survive_zarr(predicted, tmp_path):
+    import spatialdata as sd
+
+    from spatialtranscriptformer._atomic import write_spatialdata
+
+    sdata, _ = predicted
+    small = sdata.subset([K.SHAPES_KEY, K.TABLE_KEY, K.PRED_KEY, K.PRED_PATHWAY_KEY])
+    write_spatialdata(small, tmp_path / "p.zarr")
+    back = sd.read_zarr(tmp_path / "p.zarr")
+    for key in (K.PRED_KEY, K.PRED_PATHWAY_KEY):
+        a, b = sdata.tables[key], back.tables[key]
+        np.testing.assert_allclose(b.X, a.X)
+        assert b.uns[key]["kind"] == a.uns[key]["kind"] and b.uns[key]["stored_in"] == "X"
+        assert b.uns["spatialdata_attrs"] == a.uns["spatialdata_attrs"]
+        assert "hires" in b.uns[K.UNS_SPATIAL_KEY][a.uns[K.SLIDE_META_KEY]["library_id"]]["images"]
+    assert stf.tl.evaluate(back).gene.tolist() == stf.tl.evaluate(sdata).gene.tolist()

@@ -24,44 +24,122 @@ def model(slides):
                       accelerator="cpu", progress=False)
 
 
-def test_predict_writes_layer_pathways_and_params(slides, model):
+def test_predict_anndata_writes_obsm_frames_and_records(slides, model):
     s = slides[0].copy()
     assert stf.tl.predict(s, model, progress=False) is None
-    lay = s.layers["stf_pred"]
-    assert sp.issparse(lay) and lay.shape == s.shape
+    pred = s.obsm["stf_pred"]
+    assert isinstance(pred, pd.DataFrame) and list(pred.columns) == model.genes  # the model's genes only
+    assert pred.index.equals(s.obs_names) and "stf_pred" not in s.layers
     info = s.uns["stf_pred"]
-    assert info["genes"] == model.genes and info["params"]["model"] == "stf" and info["target_space"] == "log1p"
+    assert info["params"]["model"] == "stf" and info["target_space"] == "log1p"
+    assert info["kind"] == "expression" and info["stored_in"] == "obsm"
     ref = model.predict_arrays(s.obsm["X_toy"], s.obsm["spatial"] * 0.5)["expr"]
-    np.testing.assert_allclose(lay[:, [0, 1, 2, 3]].toarray(), ref, rtol=1e-5, atol=1e-6)
-    assert lay[:, 4:].nnz == 0  # genes the model does not predict stay empty
+    np.testing.assert_allclose(pred.to_numpy(), ref, rtol=1e-5, atol=1e-6)
     pw = s.obsm["stf_pathways"]
     assert isinstance(pw, pd.DataFrame) and list(pw.columns) == model.pathways and pw.shape == (36, 3)
+    assert s.uns["stf_pathways"]["kind"] == "pathways" and "params" in s.uns["stf_pathways"]
+
+
+def test_predict_inplace_false_returns_tables_and_writes_nothing(slides, model):
+    s = slides[0].copy()
+    s.uns["spatial"] = {"lib": {"images": {"hires": np.zeros((4, 4, 3), np.uint8)},
+                                "scalefactors": {"tissue_hires_scalef": 0.01, "spot_diameter_fullres": 100.0}}}
+    before = s.copy()
+    out = stf.tl.predict(s, model, inplace=False, progress=False)
+    assert set(out) == {"stf_pred", "stf_pathways"}
+    assert set(s.obsm) == set(before.obsm) and set(s.uns) == set(before.uns) and set(s.layers) == set(before.layers)
+    g, pw = out["stf_pred"], out["stf_pathways"]
+    assert list(g.var_names) == model.genes and list(pw.var_names) == model.pathways
+    assert g.obs_names.equals(s.obs_names) and pw.obs_names.equals(s.obs_names)
+    ref = model.predict_arrays(s.obsm["X_toy"], s.obsm["spatial"] * 0.5)
+    np.testing.assert_allclose(g.X, ref["expr"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pw.X, ref["pathway_scores"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(g.obsm["spatial"], s.obsm["spatial"])
+    assert g.uns["spatial"]["lib"]["images"]["hires"] is s.uns["spatial"]["lib"]["images"]["hires"]  # shared
+    assert g.uns["stf_pred"]["stored_in"] == "X" and g.uns["stf_slide"] == s.uns["stf_slide"]
+    assert g.var["measured"].all()
+    # the same tables from the in-place outputs
+    stf.tl.predict(s, model, progress=False)
+    t = stf.tl.prediction_table(s, key="stf_pathways")
+    np.testing.assert_allclose(t.X, pw.X)
+    assert list(t.var_names) == model.pathways and "spatial" in t.uns
+    lst = stf.tl.predict([slides[0], slides[1]], model, inplace=False, progress=False)
+    assert isinstance(lst, list) and len(lst) == 2 and lst[1]["stf_pred"].n_obs == slides[1].n_obs
+    with pytest.raises(ValueError, match="choose one"):
+        stf.tl.predict(s, model, inplace=False, copy=True)
 
 
 def test_predict_genes_absent_from_var_and_slides_without_expression(slides, model):
     part = slides[1][:, ["G0", "G5"]].copy()
     stf.tl.predict(part, model, progress=False)
-    assert part.uns["stf_pred"]["genes"] == ["G0"]
-    assert list(part.obsm["stf_pred"].columns) == ["G1", "G2", "G3"]
-    empty = slides[1][:, []].copy()  # no expression at all: AnnData -> obsm with all genes
+    assert list(part.obsm["stf_pred"].columns) == model.genes  # all of them, measured or not
+    assert stf.tl.prediction_table(part).var["measured"].tolist() == [True, False, False, False]
+    empty = slides[1][:, []].copy()  # no expression at all
     stf.tl.predict(empty, model, progress=False)
     assert list(empty.obsm["stf_pred"].columns) == model.genes
     np.testing.assert_allclose(empty.obsm["stf_pred"]["G1"], part.obsm["stf_pred"]["G1"], rtol=1e-6)
 
 
-def test_predict_spatialdata_without_expression_gets_a_new_table(slides, model):
+def _sdata(t):
     from spatialdata import SpatialData
     from spatialdata.models import TableModel
 
-    t = slides[2][:, []].copy()
+    t = t.copy()
     t.obs["region"] = pd.Categorical(["spots"] * t.n_obs)
     t.obs["spot_id"] = np.arange(t.n_obs)
-    sdata = SpatialData(tables={"table": TableModel.parse(t, region="spots", region_key="region", instance_key="spot_id")})
+    return SpatialData(tables={"table": TableModel.parse(t, region="spots", region_key="region", instance_key="spot_id")})
+
+
+def test_predict_spatialdata_writes_linked_prediction_tables(slides, model):
+    sdata = _sdata(slides[2])
+    expr_before = sdata.tables["table"].copy()
+    stf.tl.predict(sdata, model, progress=False)
+    t = sdata.tables["table"]
+    assert set(t.obsm) == set(expr_before.obsm) and set(t.uns) == set(expr_before.uns)  # expression table unchanged
+    g, pw = sdata.tables["stf_pred"], sdata.tables["stf_pathways"]
+    assert list(g.var_names) == model.genes and list(pw.var_names) == model.pathways
+    for new in (g, pw):
+        assert new.obs_names.equals(t.obs_names)
+        assert new.uns["spatialdata_attrs"] == t.uns["spatialdata_attrs"]
+        assert (new.obs["spot_id"] == t.obs["spot_id"]).all() and (new.obs["region"] == "spots").all()
+    ref = model.predict_arrays(t.obsm["X_toy"], t.obsm["spatial"] * 0.5)
+    np.testing.assert_allclose(g.X, ref["expr"], rtol=1e-5, atol=1e-6)
+    assert g.uns["stf_pred"]["source_table"] == "table" and pw.uns["stf_pathways"]["kind"] == "pathways"
+    assert stf.tl.prediction_table(sdata, key="stf_pred") is g
+    # the expression table stays the default table; a second prediction replaces the first
+    assert stf.tl.evaluate(sdata).gene.tolist() == model.genes
+    stf.tl.predict(sdata, model, progress=False)
+    assert sorted(sdata.tables) == ["stf_pathways", "stf_pred", "table"]
+    # the input table under another name is still found next to the prediction tables
+    sdata.tables["expr"] = sdata.tables.pop("table")
+    stf.tl.predict(sdata, model, key_added="again", pathway_key_added="again_pw", progress=False)
+    assert sdata.tables["again"].uns["again"]["source_table"] == "expr"
+
+
+def test_predict_spatialdata_without_expression_gets_a_table(slides, model):
+    sdata = _sdata(slides[2][:, []])
     stf.tl.predict(sdata, model, progress=False)
     new = sdata.tables["stf_pred"]
-    assert list(new.var_names) == model.genes and new.n_obs == 36
+    assert list(new.var_names) == model.genes and new.n_obs == 36 and not new.var["measured"].any()
     assert new.uns["spatialdata_attrs"]["region"] == "spots"
-    assert "stf_pathways" in sdata.tables["table"].obsm
+
+
+def test_predict_refuses_output_keys_that_would_overwrite_other_tables(slides, model):
+    import anndata as ad
+
+    sdata = _sdata(slides[2])
+    sdata.tables["mine"] = ad.AnnData(np.zeros((2, 2), np.float32))
+    with pytest.raises(ValueError, match="expression table"):
+        stf.tl.predict(sdata, model, key_added="table", progress=False)
+    with pytest.raises(ValueError, match="not written by"):
+        stf.tl.predict(sdata, model, pathway_key_added="mine", progress=False)
+    with pytest.raises(ValueError, match="different names"):
+        stf.tl.predict(sdata, model, key_added="x", pathway_key_added="x", progress=False)
+    assert sorted(sdata.tables) == ["mine", "table"]
+    a = slides[0].copy()
+    with pytest.raises(ValueError, match=r"`obsm\['X_toy'\]` exists and was not written"):  # the embedding
+        stf.tl.predict(a, model, pathway_key_added="X_toy", progress=False)
+    assert a.obsm["X_toy"].shape == (36, 8) and "stf_pred" not in a.obsm
 
 
 @pytest.mark.parametrize(
@@ -77,7 +155,7 @@ def test_predict_validates_against_the_model_before_writing(slides, model, mutat
     mutate(bad)
     with pytest.raises(err, match=match):
         stf.tl.predict([good, bad], model, progress=False)
-    assert "stf_pred" not in good.layers and "stf_pred" not in bad.uns and "stf_pathways" not in good.obsm
+    assert "stf_pred" not in good.obsm and "stf_pred" not in bad.uns and "stf_pathways" not in good.obsm
 
 
 def test_windowed_prediction_equals_prediction_of_each_window(slides, model):
@@ -131,9 +209,10 @@ def _planted(slides, noise):
     for i, s in enumerate(slides):
         s = s.copy()
         truth = np.log1p(s.layers["counts"][:, :2])
-        s.layers["stf_pred"] = sp.csr_matrix(np.c_[truth + noise * np.random.default_rng(i).normal(size=truth.shape),
-                                                   np.zeros((s.n_obs, 6))])
-        s.uns["stf_pred"] = {"genes": ["G0", "G1"], "obsm_genes": [], "target_space": "log1p", "level": "spot"}
+        truth = truth.toarray() if sp.issparse(truth) else np.asarray(truth)
+        s.obsm["stf_pred"] = pd.DataFrame(truth + noise * np.random.default_rng(i).normal(size=truth.shape),
+                                          index=s.obs_names, columns=["G0", "G1"])
+        s.uns["stf_pred"] = {"kind": "expression", "stored_in": "obsm", "target_space": "log1p", "level": "spot"}
         out.append(s)
     return out
 
@@ -161,8 +240,7 @@ def test_evaluate_against_planted_predictions(slides):
 def test_a_collapsed_prediction_scores_zero_not_nan(slides):
     data = _planted(slides[:1], 0.0)
     s = data[0]
-    good = s.layers["stf_pred"].toarray()
-    s.layers["stf_pred"] = sp.csr_matrix(np.c_[good[:, :1], np.full((s.n_obs, 1), 2.5), good[:, 2:]])  # G1 constant
+    s.obsm["stf_pred"]["G1"] = 2.5  # G1 constant
     res = stf.tl.evaluate(s)
     g1 = res[res.gene == "G1"].iloc[0]
     assert g1.pearson == 0.0 and g1.spearman == 0.0 and g1.collapsed and g1.moran_pred == 0.0
@@ -173,6 +251,46 @@ def test_a_collapsed_prediction_scores_zero_not_nan(slides):
     res = stf.tl.evaluate(s)
     g0 = res[res.gene == "G0"].iloc[0]
     assert np.isnan(g0.pearson) and not g0.collapsed and res.attrs["summary"]["s0"]["n_undefined"] == 1
+
+
+def test_evaluate_spots_scores_a_subset_like_the_subset_itself(slides, model):
+    s = slides[0].copy()
+    held = np.asarray(s.obsm["spatial"])[:, 0] > 500
+    s.obs["held"] = held
+    stf.tl.predict(s, model, progress=False)
+    sub = stf.tl.evaluate(s[held].copy())  # an AnnData keeps its obsm predictions when subset
+    res = stf.tl.evaluate(s, spots="held")
+    pd.testing.assert_frame_equal(res, sub)
+    assert res.n_spots.eq(int(held.sum())).all()
+    assert not np.allclose(stf.tl.evaluate(s).pearson, res.pearson)
+    sdata = _sdata(s)  # the same through the prediction tables of a SpatialData
+    del sdata.tables["table"].obsm["stf_pred"], sdata.tables["table"].uns["stf_pred"]
+    stf.tl.predict(sdata, model, progress=False)
+    pd.testing.assert_frame_equal(stf.tl.evaluate(sdata, spots="held"), sub)
+    with pytest.raises(KeyError, match="pass the SpatialData"):  # its table alone has no predictions
+        stf.tl.evaluate(sdata.tables["table"][held].copy())
+    with pytest.raises(ValueError, match="boolean"):
+        stf.tl.evaluate(s, spots="slide_id")
+    with pytest.raises(KeyError, match="no obs column"):
+        stf.tl.evaluate(s, spots="nope")
+
+
+def test_slide_level_predictions(slides, model):
+    mil = stf.tl.fit(slides, model="attention_mil", genes=["G0", "G1", "G2", "G3"], max_epochs=1,
+                     model_kwargs={"hidden": 8, "attention_dim": 4}, progress=False, accelerator="cpu")
+    data = [s.copy() for s in slides]
+    stf.tl.predict(data, model, progress=False)  # spot-level predictions first: replaced, never left stale
+    stf.tl.predict(data, mil, progress=False)
+    rec = data[0].uns["stf_pred"]
+    assert rec["stored_in"] == "uns" and rec["level"] == "slide" and list(rec["slide_expr"].columns) == mil.genes
+    assert "stf_pred" not in data[0].obsm and "stf_pathways" in data[0].obsm  # MIL has no pathway output
+    res = stf.tl.evaluate(data)
+    assert (res.level == "slide").all() and len(res) == 4
+    out = stf.tl.predict(slides[0], mil, inplace=False, progress=False)["stf_pred"]
+    assert out.shape == (1, 4) and list(out.obs_names) == ["s0"]
+    np.testing.assert_allclose(out.X[0], rec["slide_expr"].loc["s0"], rtol=1e-6)
+    with pytest.raises(ValueError, match="slide-level"):
+        stf.pl.spatial(data[0], genes="G0", layers=("counts", "stf_pred"), show=False)
 
 
 def test_evaluate_pathways_apart_from_genes_and_qc_masked(slides, model):

@@ -2,7 +2,8 @@
 
 Usage (headless)::
 
-    MPLBACKEND=Agg python tools/client_calls.py
+    MPLBACKEND=Agg python tools/client_calls.py                 # reader outputs
+    MPLBACKEND=Agg python tools/client_calls.py --predictions   # outputs of stf.tl.predict
 
 For each reader output (the bundled her2st section, the tiny Visium sample read with ``read_visium`` and
 through ``from_anndata(sc.read_visium(...))``, a HEST-layout sample, a synthetic slide) it tries, with no
@@ -16,6 +17,17 @@ workaround keyword (no ``img_key=None``, no ``shape=None``, no ``spot_size``):
 
 and prints one line per (slide, call): ``works`` or ``fails: <reason>``. Data come from
 ``stf.datasets`` (bundled; the Visium sample from the package when it ships it, else ``../shared/data``).
+
+With ``--predictions`` it fits a small STF (named Hallmark pathway tokens) on the bundled her2st section and
+runs the same clients on the outputs of ``stf.tl.predict``, wherever the installed version writes them (a
+prediction table per output, or the former sparse layer ``layers['stf_pred']`` and ``obsm['stf_pathways']``),
+for a SpatialData input and an AnnData input:
+
+- ``sc.pl.spatial`` / ``sq.pl.spatial_scatter`` coloured by a predicted gene and by a pathway name, on the H&E;
+- ``sq.gr.spatial_autocorr`` over every gene (pathway) of the prediction — works when no row is NaN;
+- spatialdata-plot ``render_shapes(color=..., table_name=<prediction table>)``;
+- ``stf.pl.spatial(genes=[a gene the model does not predict])`` — works when it is a clear error, fails when
+  it draws a map of zeros.
 """
 
 from __future__ import annotations
@@ -155,25 +167,179 @@ CALLS = {
 }
 
 
+def _try(fn, *args) -> str:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = fn(*args)
+        res = "works" + (f" ({out})" if isinstance(out, str) else "")
+    except Exception as err:  # report, do not stop
+        last = traceback.extract_tb(err.__traceback__)[-1]
+        res = f"fails: {type(err).__name__}: {str(err).splitlines()[0][:140]} ({Path(last.filename).name})"
+    finally:
+        plt.close("all")
+    return res
+
+
+# --- predictions ------------------------------------------------------------------------------------------
+PRED_KEY, PATHWAY_KEY = "stf_pred", "stf_pathways"
+
+
+def fitted_model(sdata):
+    """A small STF with named Hallmark pathway tokens, fitted on the bundled section's 20 most variable genes."""
+    stf.pp.embed(sdata, backbone="handcrafted", progress=False)
+    return stf.tl.fit(sdata, genes=20, max_epochs=2, model_kwargs={"token_dim": 16, "n_heads": 2}, accelerator="cpu",
+                      progress=False)
+
+
+class Outputs:
+    """Where ``stf.tl.predict`` put the predictions: (AnnData, layer) for genes and for pathways."""
+
+    def __init__(self, sdata, genes_ad, genes_layer, pw_ad, pw_layer, genes_table, pw_table):
+        self.sdata, self.genes_ad, self.genes_layer, self.pw_ad, self.pw_layer = sdata, genes_ad, genes_layer, pw_ad, pw_layer
+        self.genes_table, self.pw_table = genes_table, pw_table  # SpatialData table names (None for an AnnData)
+
+
+def predict_spatialdata(sdata, model) -> Outputs:
+    """Predict a SpatialData in place; locate the outputs."""
+    stf.tl.predict(sdata, model, progress=False)
+    if PRED_KEY in sdata.tables:  # a table per output
+        return Outputs(sdata, sdata.tables[PRED_KEY], None, sdata.tables.get(PATHWAY_KEY), None, PRED_KEY, PATHWAY_KEY)
+    t = sdata.tables["table"]  # the former layout: a sparse layer over all genes of the expression table
+    return Outputs(sdata, t, PRED_KEY, t, None, "table", "table")
+
+
+def predict_anndata(adata, model) -> Outputs:
+    """Prediction tables of an AnnData (``inplace=False``), or the former in-place layer."""
+    try:  # the documented way to get prediction tables from an AnnData
+        out = stf.tl.predict(adata, model, inplace=False, progress=False)
+        return Outputs(None, out[PRED_KEY], None, out.get(PATHWAY_KEY), None, None, None)
+    except TypeError:  # no inplace=: the former layout
+        stf.tl.predict(adata, model, progress=False)
+        return Outputs(None, adata, PRED_KEY, adata, None, None, None)
+
+
+def _scanpy(which):
+    def call(o, gene, pathway):
+        import scanpy as sc
+
+        ad, layer, key = (o.genes_ad, o.genes_layer, gene) if which == "gene" else (o.pw_ad, o.pw_layer, pathway)
+        ax = sc.pl.spatial(ad, color=key, layer=layer, show=False)
+        ax = ax[0] if isinstance(ax, list) else ax
+        if not _has_image(ax):
+            raise RuntimeError("drew no H&E image")
+
+    return call
+
+
+def _squidpy(which):
+    def call(o, gene, pathway):
+        import squidpy as sq
+
+        ad, layer, key = (o.genes_ad, o.genes_layer, gene) if which == "gene" else (o.pw_ad, o.pw_layer, pathway)
+        sq.pl.spatial_scatter(ad, color=key, layer=layer)
+        if not _has_image(plt.gcf().axes[0]):
+            raise RuntimeError("drew no H&E image")
+
+    return call
+
+
+def _autocorr(which):
+    def call(o, gene, pathway):
+        import squidpy as sq
+
+        ad, layer = (o.genes_ad, o.genes_layer) if which == "gene" else (o.pw_ad, o.pw_layer)
+        if which == "pathway" and pathway not in ad.var_names:
+            raise RuntimeError(f"{pathway} is not a variable of any table (the scores are not a table)")
+        t = ad.copy()
+        knn = getattr(sq.gr, "spatial_neighbors_knn", None)
+        knn(t, n_neighs=6) if knn is not None else sq.gr.spatial_neighbors(t)
+        sq.gr.spatial_autocorr(t, mode="moran", layer=layer, n_perms=None)
+        i = t.uns["moranI"]["I"]
+        if i.isna().any() or len(i) == 0:
+            raise RuntimeError(f"{int(i.isna().sum())} of {len(i)} rows are NaN")
+        return f"{len(i)} rows, none NaN"
+
+    return call
+
+
+def _sdata_plot_pred(which):
+    def call(o, gene, pathway):
+        import spatialdata_plot  # noqa: F401
+
+        table, layer, key = (o.genes_table, o.genes_layer, gene) if which == "gene" else (o.pw_table, o.pw_layer, pathway)
+        o.sdata.pl.render_images("he").pl.render_shapes("spots", color=key, table_name=table, table_layer=layer).pl.show(
+            coordinate_systems="global"
+        )
+
+    return call
+
+
+def _stf_unpredicted(o, gene, pathway):
+    """``stf.pl.spatial`` of a measured gene the model does not predict: a clear error, never a map of zeros."""
+    if o.sdata is not None:
+        data, t = o.sdata, o.sdata.tables["table"]
+    else:  # predictions written into the AnnData (in place)
+        data = t = o.source.copy()
+        stf.tl.predict(data, o.model, progress=False)
+    other = next(g for g in t.var_names if g not in set(o.model.genes))
+    try:
+        axes = stf.pl.spatial(data, genes=[other], layers=("counts", PRED_KEY), show=False)
+    except (KeyError, ValueError) as err:
+        if other in str(err):
+            return f"clear error: {str(err).splitlines()[0][:90]}"
+        raise
+    coll = axes[0, 1].collections[0].get_array()
+    if np.allclose(np.asarray(coll), 0):
+        raise RuntimeError(f"drew an all-zero 'prediction' of {other}")
+    raise RuntimeError(f"drew a map of {other}, which the model does not predict")
+
+
+PRED_CALLS = {
+    "sc.pl.spatial (gene)": _scanpy("gene"),
+    "sc.pl.spatial (pathway)": _scanpy("pathway"),
+    "sq.pl.spatial_scatter (gene)": _squidpy("gene"),
+    "sq.pl.spatial_scatter (pathway)": _squidpy("pathway"),
+    "sq.gr.spatial_autocorr (genes)": _autocorr("gene"),
+    "sq.gr.spatial_autocorr (pathways)": _autocorr("pathway"),
+    "spatialdata-plot (gene)": _sdata_plot_pred("gene"),
+    "spatialdata-plot (pathway)": _sdata_plot_pred("pathway"),
+    "stf.pl.spatial (unpredicted gene)": _stf_unpredicted,
+}
+
+
+def main_predictions() -> None:
+    """Print works/fails for every client call on the outputs of ``stf.tl.predict``."""
+    stf.settings.progress = False
+    sdata = stf.datasets.her2st()
+    model = fitted_model(sdata)
+    pathway = "HALLMARK_HYPOXIA" if "HALLMARK_HYPOXIA" in model.pathways else model.pathways[0]
+    gene = model.genes[0]
+    adata = sdata.tables["table"].copy()
+    for name, make in [("her2st SpatialData", lambda: predict_spatialdata(sdata, model)),
+                       ("her2st AnnData", lambda: predict_anndata(adata, model))]:
+        o = make()
+        o.model, o.source = model, adata
+        for call_name, fn in PRED_CALLS.items():
+            if o.sdata is None and call_name.startswith("spatialdata-plot"):
+                continue  # an AnnData input has no SpatialData to render
+            print(f"{name:20s} {call_name:36s} {_try(fn, o, gene, pathway)}", flush=True)
+
+
 def main() -> None:
     """Print works/fails for every (slide, call)."""
+    import sys
+
+    if "--predictions" in sys.argv[1:]:
+        main_predictions()
+        return
     stf.settings.progress = False
     with tempfile.TemporaryDirectory() as tmp:
         for name, sdata in slides(Path(tmp)).items():
             table = sdata.tables["table"]
             gene = _gene(table)
             for call_name, fn in CALLS.items():
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        fn(sdata, table, gene)
-                    res = "works"
-                except Exception as err:  # report, do not stop
-                    last = traceback.extract_tb(err.__traceback__)[-1]
-                    res = f"fails: {type(err).__name__}: {str(err).splitlines()[0][:140]} ({Path(last.filename).name})"
-                finally:
-                    plt.close("all")
-                print(f"{name:34s} {call_name:28s} {res}", flush=True)
+                print(f"{name:34s} {call_name:28s} {_try(fn, sdata, table, gene)}", flush=True)
 
 
 if __name__ == "__main__":

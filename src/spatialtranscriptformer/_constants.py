@@ -42,9 +42,17 @@ EMBEDDING_PREFIX = "X_"
 PATHWAY_KEY = "pathway_activity"
 """``obsm`` key of pathway activity targets (z-scored member-gene means)."""
 PRED_KEY = "stf_pred"
-"""Layer with predicted expression."""
+"""Predicted expression of the model's genes: a table ``tables['stf_pred']`` of a SpatialData (spots x genes,
+values in ``X``, linked to the spots like the expression table), or ``obsm['stf_pred']`` (a DataFrame) of an
+AnnData; the record is ``uns['stf_pred']`` of that table (AnnData: of the AnnData)."""
 PRED_PATHWAY_KEY = "stf_pathways"
-"""``obsm`` key with predicted pathway scores."""
+"""Predicted pathway scores (one column per pathway): a table ``tables['stf_pathways']`` of a SpatialData, or
+``obsm['stf_pathways']`` (a DataFrame) of an AnnData; laid out like :data:`PRED_KEY`."""
+PRED_KINDS = ("expression", "pathways")
+"""Values of ``uns[<prediction key>]['kind']``: what a prediction output holds."""
+PRED_STORED_IN = ("X", "obsm", "uns")
+"""Values of ``uns[<prediction key>]['stored_in']``: a prediction table's ``X``, a DataFrame ``obsm[key]`` of the
+AnnData that was predicted, or (slide-level models) DataFrames in ``uns[key]`` of the expression table."""
 HVG_KEY = "highly_variable"
 """``var`` column marking selected genes."""
 TILES_KEY = "tiles"

@@ -26,8 +26,27 @@ def is_anndata(obj: Any) -> bool:
     return isinstance(obj, AnnData)
 
 
+def prediction_record(adata: AnnData, key: str | None = None) -> dict | None:
+    """The ``uns[key]`` record of a prediction table written by ``stf.tl.predict`` (``None`` for other tables).
+
+    A prediction table holds its values in ``X``: ``uns[key]['stored_in'] == 'X'``. Without ``key``, any such
+    record in ``uns`` counts.
+    """
+    from collections.abc import Mapping
+
+    for k in [key] if key is not None else list(adata.uns.keys()):
+        rec = adata.uns.get(k)
+        if isinstance(rec, Mapping) and rec.get("kind") in K.PRED_KINDS and rec.get("stored_in") == "X":
+            return dict(rec)
+    return None
+
+
 def resolve_table_key(sdata: SpatialData, table_key: str | None) -> str:
-    """Name of the table to use in ``sdata``; a clear error lists the tables otherwise."""
+    """Name of the table to use in ``sdata``; a clear error lists the tables otherwise.
+
+    Without ``table_key``: the only table, else ``"table"``, else the only table that is not a prediction
+    table of ``stf.tl.predict``.
+    """
     names = list(sdata.tables.keys())
     if table_key is not None:
         if table_key not in sdata.tables:
@@ -39,6 +58,9 @@ def resolve_table_key(sdata: SpatialData, table_key: str | None) -> str:
         return K.TABLE_KEY
     if not names:
         raise ValueError("The SpatialData has no table: spot expression/metadata is required (no table found).")
+    inputs = [n for n in names if prediction_record(sdata.tables[n]) is None]
+    if len(inputs) == 1:
+        return inputs[0]
     raise KeyError(f"The SpatialData has several tables {names}; pass `table_key=` to choose one.")
 
 

@@ -53,8 +53,9 @@ def run_demo(
     Parameters
     ----------
     out
-        Output folder: ``her2st_C2.zarr`` (SpatialData with embeddings, targets, predictions and the split
-        in ``obs['stf_split']``), ``demo_maps.png`` (observed vs predicted maps, held-out spots outlined,
+        Output folder: ``her2st_C2.zarr`` (SpatialData with embeddings, targets and the split in
+        ``obs['stf_split']``; the predictions of each model are its tables ``"<model>_pred"`` /
+        ``"<model>_pathways"``, ``"stf_pred"`` / ``"stf_pathways"`` for ``model``), ``demo_maps.png`` (observed vs predicted maps, held-out spots outlined,
         r on them), ``metrics.csv`` and ``summary.json``. Each is written to a temporary sibling and
         moved into place when complete (an earlier run's output is replaced only then).
     backbone
@@ -105,16 +106,15 @@ def run_demo(
                         **(extra if name not in BASELINES else {}))
         pred_key = K.PRED_KEY if name == model else f"{name}_pred"
         pw_key = K.PRED_PATHWAY_KEY if name == model else f"{name}_pathways"
-        tl.predict(sdata, fitted, key_added=pred_key, pathway_key_added=pw_key)
-        held = table[test].copy()
-        res = tl.evaluate(held, pred_key=pred_key)
+        tl.predict(sdata, fitted, key_added=pred_key, pathway_key_added=pw_key)  # tables[pred_key], [pw_key]
+        res = tl.evaluate(sdata, pred_key=pred_key, spots=HELD_OUT_KEY)
         res.insert(0, "model", name)
         results.append(res)
         summary[name] = {"mean_pearson_held_out": mean_r(res["pearson"].to_numpy(float)),
                          "n_collapsed": int(res["collapsed"].sum())}
         named = fitted.pathways is not None and not str(fitted.pathways[0]).startswith("token_")
         if named:
-            pw = tl.evaluate(held, features="pathways", pathway_key=pw_key).attrs["summary"]
+            pw = tl.evaluate(sdata, features="pathways", pathway_key=pw_key, spots=HELD_OUT_KEY).attrs["summary"]
             s = next(iter(pw.values()))
             summary[name].update(pathway_pearson_held_out=s["mean_pearson"], n_pathways=s["n_pathways"],
                                  pathway_collapse_index=s["collapse_index"],

@@ -29,7 +29,9 @@ allow_upsampling
 doc_table_key = """\
 table_key
     Name of the table inside a :class:`~spatialdata.SpatialData`. ``None`` picks the only table,
-    or ``"table"``; the error lists the available tables otherwise. Ignored for AnnData input."""
+    or ``"table"``, or the only table that is not a prediction table of
+    :func:`~spatialtranscriptformer.tl.predict`; the error lists the available tables otherwise. Ignored
+    for AnnData input."""
 
 doc_copy = """\
 copy

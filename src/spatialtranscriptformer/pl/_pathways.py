@@ -41,20 +41,33 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def pathway_frame(adata: AnnData, key: str) -> pd.DataFrame:
-    """``obsm[key]`` as a DataFrame with pathway names as columns (a clear error otherwise)."""
-    if key not in adata.obsm:
+def pathway_frame(data: Any, adata: AnnData, key: str, table_key: str | None = None) -> pd.DataFrame:
+    """Scores ``key`` as a DataFrame (spots x pathways) aligned to ``adata`` (a clear error otherwise).
+
+    Either a DataFrame ``obsm[key]`` of the table (targets of ``stf.pp``, predictions on an AnnData) or the
+    prediction table ``tables[key]`` of a SpatialData.
+    """
+    from ..tl._prediction_table import read_predictions
+
+    if key in adata.obsm:
+        df = adata.obsm[key]
+        if not isinstance(df, pd.DataFrame):
+            raise ValueError(
+                f"`obsm[{key!r}]` must be a DataFrame with pathway names as columns, got {type(df).__name__}."
+            )
+        return df
+    try:
+        names, values, _ = read_predictions(data, adata, key, kind="pathways", table_key=table_key)
+    except KeyError:
         avail = [k for k in adata.obsm.keys() if isinstance(adata.obsm[k], pd.DataFrame)]
         raise KeyError(
-            f"`obsm[{key!r}]` not found; pathway-score tables present: {avail or 'none'}. Predicted scores are "
-            f"written by `stf.tl.predict` ({K.PRED_PATHWAY_KEY!r}), targets by `stf.pp` ({K.PATHWAY_KEY!r})."
-        )
-    df = adata.obsm[key]
-    if not isinstance(df, pd.DataFrame):
-        raise ValueError(
-            f"`obsm[{key!r}]` must be a DataFrame with pathway names as columns, got {type(df).__name__}."
-        )
-    return df
+            f"No pathway scores {key!r}: neither a DataFrame `obsm[{key!r}]` (present: {avail or 'none'}) nor a "
+            f"prediction table {key!r}. Predicted scores are written by `stf.tl.predict` ({K.PRED_PATHWAY_KEY!r}), "
+            f"targets by `stf.pp.pathway_activity` ({K.PATHWAY_KEY!r})."
+        ) from None
+    if values is None:
+        raise ValueError(f"{key!r} holds slide-level pathway scores (one per slide); there is no map to draw.")
+    return pd.DataFrame(values, index=adata.obs_names, columns=names)
 
 
 def resolve_names(requested: list, available: Sequence[str], *, what: str) -> list[str]:
@@ -124,7 +137,8 @@ def pathways(
     """Map named pathway scores on the H&E.
 
     Shows where each pathway (e.g. an MSigDB Hallmark set, Liberzon et al. 2015) is active: the
-    predicted scores of :func:`spatialtranscriptformer.tl.predict` (``obsm['stf_pathways']``) or the
+    predicted scores of :func:`spatialtranscriptformer.tl.predict` (``"stf_pathways"``: the table
+    ``tables['stf_pathways']`` of a SpatialData, ``obsm['stf_pathways']`` of an AnnData) or the
     expression-derived targets (``obsm['pathway_activity']``). With several ``key`` s, each pathway is a
     row and each key a column, and the panels after the first carry the Pearson r with the first key
     across spots. Each panel has its own colour scale (scores and targets live on different scales).
@@ -137,7 +151,8 @@ def pathways(
         Pathway name(s) (columns of ``obsm[key]``; matched case-insensitively, the ``HALLMARK_`` prefix
         may be left out) or column positions.
     key
-        ``obsm`` key(s) holding a DataFrame of scores (spots x pathways).
+        Key(s) of scores (spots x pathways): a DataFrame ``obsm[key]`` of the table, or the prediction
+        table ``tables[key]`` of a SpatialData (``pathway_key_added`` of :func:`~spatialtranscriptformer.tl.predict`).
     {table_key}
     ncols
         Panels per row when a single ``key`` is shown.
@@ -158,7 +173,7 @@ def pathways(
     save_path = check_save(save)
     adata = single_slide_table(data, table_key)
     keys = [str(k) for k in as_list(key, name="key")]
-    frames = [pathway_frame(adata, k) for k in keys]
+    frames = [pathway_frame(data, adata, k, table_key) for k in keys]
     names = resolve_names(as_list(pathways, name="pathways"), frames[0].columns, what="Pathways")
     for k, df in zip(keys[1:], frames[1:], strict=True):
         resolve_names(names, df.columns, what=f"Pathways of `obsm[{k!r}]`")

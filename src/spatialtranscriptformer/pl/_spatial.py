@@ -40,30 +40,67 @@ X_LAYER = "X"
 """Name that selects ``adata.X`` in ``layers=``."""
 
 
-def _layer_matrix(adata: AnnData, layer: str):
-    if layer == X_LAYER:
-        return adata.X
-    if layer not in adata.layers:
-        raise KeyError(
-            f"Layer {layer!r} not found in the table; available layers: {[X_LAYER, *adata.layers.keys()]}. "
-            f"Predictions are written by `stf.tl.predict` (layer {K.PRED_KEY!r})."
-        )
-    return adata.layers[layer]
+class _Source:
+    """One column of panels: a layer of the table (``"X"`` included) or a prediction output of ``stf.tl.predict``."""
 
+    def __init__(self, data: Any, adata: AnnData, name: str, table_key: str | None = None):
+        self.name, self.adata = name, adata
+        self.pred_names: list[str] | None = None
+        if name == X_LAYER or name in adata.layers:
+            return
+        from ..tl._prediction_table import read_predictions
 
-def _holds_counts(adata: AnnData, layer: str) -> bool:
-    """Whether a layer holds raw counts: the counts layer, an integer dtype, or integer-valued floats."""
-    if layer == K.COUNTS_LAYER:
-        return True
-    m = _layer_matrix(adata, layer)
-    if m is None:
-        return False
-    vals = m.data if sp.issparse(m) else np.asarray(m).ravel()
-    if np.issubdtype(vals.dtype, np.integer):
-        return True
-    sample = vals[:100_000]
-    sample = sample[np.isfinite(sample)]
-    return bool(sample.size) and bool(np.all(sample == np.round(sample))) and bool((sample >= 0).all())
+        try:
+            names, values, rec = read_predictions(data, adata, name, kind="expression", table_key=table_key)
+        except KeyError:
+            raise KeyError(
+                f"{name!r} is neither a layer of the table ({[X_LAYER, *adata.layers.keys()]}) nor predictions "
+                f"of `stf.tl.predict` (a table {name!r} of the SpatialData, or `obsm[{name!r}]` of an AnnData); "
+                f"predictions are written by `stf.tl.predict` (key {K.PRED_KEY!r} by default)."
+            ) from None
+        if values is None:
+            raise ValueError(f"{name!r} holds slide-level predictions (one profile per slide); there is no map to draw.")
+        self.pred_names, self.values, self.record = names, values, rec
+        self.index = {g: j for j, g in enumerate(names)}
+
+    @property
+    def is_prediction(self) -> bool:
+        return self.pred_names is not None
+
+    def check_genes(self, genes: list[str]) -> None:
+        if self.is_prediction:
+            missing = [g for g in genes if g not in self.index]
+            if missing:
+                raise KeyError(
+                    f"{self.name!r} has no prediction for {missing[:10]}: the model predicts {len(self.pred_names)} "
+                    f"genes (e.g. {self.pred_names[:5]}); a gene it does not predict has no predicted map. "
+                    "Choose among the predicted genes, or drop this column from `layers`."
+                )
+            return
+        missing = [g for g in genes if g not in self.adata.var_names]
+        if missing:
+            raise KeyError(f"Genes not in the table's var_names: {missing[:10]} ({len(missing)} missing).")
+
+    def vector(self, gene: str) -> np.ndarray:
+        if self.is_prediction:
+            return np.asarray(self.values[:, self.index[gene]], dtype=float)
+        return np.asarray(self.adata.obs_vector(gene, layer=None if self.name == X_LAYER else self.name), dtype=float)
+
+    def holds_counts(self) -> bool:
+        """Raw counts: the counts layer, an integer layer, integer-valued floats, or predictions in count space."""
+        if self.is_prediction:
+            return self.record.get("target_space") == "counts"
+        if self.name == K.COUNTS_LAYER:
+            return True
+        m = self.adata.X if self.name == X_LAYER else self.adata.layers[self.name]
+        if m is None:
+            return False
+        vals = m.data if sp.issparse(m) else np.asarray(m).ravel()
+        if np.issubdtype(vals.dtype, np.integer):
+            return True
+        sample = vals[:100_000]
+        sample = sample[np.isfinite(sample)]
+        return bool(sample.size) and bool(np.all(sample == np.round(sample))) and bool((sample >= 0).all())
 
 
 @doc_params(
@@ -98,7 +135,8 @@ def spatial(
     """Observed vs predicted expression of genes, side by side on the H&E.
 
     One row per gene, one column per layer (default: observed counts, then the prediction of
-    :func:`spatialtranscriptformer.tl.predict`). The colour scale is shared across the layers of a
+    :func:`spatialtranscriptformer.tl.predict`). A gene the model does not predict is an error, not a map
+    of zeros. The colour scale is shared across the layers of a
     gene, so a map that is too flat or too bright stands out. Every panel after the first carries the
     Pearson r of its values with the first layer's, per gene across the spots where both are defined
     (the spot-level metric of the HEST-Benchmark, Jaume et al. 2024). Spots are drawn at their
@@ -108,14 +146,17 @@ def spatial(
     ----------
     {data}
     genes
-        Gene name(s) in ``var_names``; one row each.
+        Gene name(s); one row each. Each must be in the table's ``var_names`` for a layer and among the
+        predicted genes for a prediction key.
     layers
-        Layers to show, one column each; the first is the reference for Pearson r. ``"X"`` selects
-        ``adata.X``.
+        What to show, one column each; the first is the reference for Pearson r. Each is a layer of the
+        table (``"X"`` selects ``adata.X``) or the key of predictions written by
+        :func:`~spatialtranscriptformer.tl.predict` (``key_added``: the table ``tables[key]`` of a
+        SpatialData, ``obsm[key]`` of an AnnData), e.g. ``("counts", "stf_pred", "ridge_pred")``.
     log1p
-        ``True``: apply ``log1p`` to the layers holding raw counts (the ``"counts"`` layer and any layer
-        with non-negative integer values), putting them on the log1p scale of the predictions. A
-        sequence names the layers to transform; ``False`` transforms none.
+        ``True``: apply ``log1p`` to what holds raw counts (the ``"counts"`` layer, any layer with
+        non-negative integer values, predictions in count space), putting them on the log1p scale of the
+        predictions. A sequence names the layers to transform; ``False`` transforms none.
     {table_key}
     {slide_view}
     cmap
@@ -137,13 +178,11 @@ def spatial(
     adata = single_slide_table(data, table_key)
     genes = [str(g) for g in as_list(genes, name="genes")]
     layers = [str(layer) for layer in as_list(layers, name="layers")]
-    missing = [g for g in genes if g not in adata.var_names]
-    if missing:
-        raise KeyError(f"Genes not in the table's var_names: {missing[:10]} ({len(missing)} missing).")
-    for layer in layers:
-        _layer_matrix(adata, layer)
+    sources = {layer: _Source(data, adata, layer, table_key) for layer in layers}
+    for src in sources.values():
+        src.check_genes(genes)
     if isinstance(log1p, bool):
-        to_log = {layer for layer in layers if log1p and _holds_counts(adata, layer)}
+        to_log = {layer for layer in layers if log1p and sources[layer].holds_counts()}
     else:
         to_log = {str(x) for x in as_list(log1p, name="log1p")}
         unknown = to_log - set(layers)
@@ -155,7 +194,7 @@ def spatial(
     values: dict[tuple[str, str], np.ndarray] = {}
     for layer in layers:
         for g in genes:
-            v = np.asarray(adata.obs_vector(g, layer=None if layer == X_LAYER else layer), dtype=float)
+            v = sources[layer].vector(g)
             if layer in to_log:
                 if np.nanmin(v, initial=0.0) < 0:
                     raise ValueError(f"Layer {layer!r} has negative values for {g!r}; cannot apply log1p.")

@@ -6,6 +6,7 @@ from ._evaluate import evaluate
 from ._fit import fit
 from ._model import TrainedModel
 from ._predict import predict
+from ._prediction_table import prediction_table
 from ._superres import SuperResModel, fit_superres
 from ._superres_cv import cross_validate_superres
 from ._superres_evaluate import evaluate_superres
@@ -23,4 +24,5 @@ __all__ = [
     "fit_superres",
     "predict",
     "predict_superres",
+    "prediction_table",
 ]

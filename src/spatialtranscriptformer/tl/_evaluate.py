@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from .. import _constants as K
 from .._data import as_slide_list, get_table
@@ -46,23 +45,35 @@ def _to_space(x: np.ndarray, space: str, log_transform: bool) -> np.ndarray:
     return x
 
 
-def spot_predictions(t: AnnData, pred_key: str, i: int) -> tuple[list[str], np.ndarray, dict]:
-    """Genes, ``(n_obs, G)`` predictions and ``uns`` info written by :func:`~spatialtranscriptformer.tl.predict`."""
-    if pred_key not in t.uns:
-        raise KeyError(f"Slide {i}: no predictions `uns[{pred_key!r}]`; run `stf.tl.predict` first.")
-    info = t.uns[pred_key]
-    if info.get("level", "spot") != "spot":
-        return [], np.zeros((t.n_obs, 0)), info
-    in_layer = list(info.get("genes", []))
-    in_obsm = list(info.get("obsm_genes", []))
-    parts = []
-    if in_layer:
-        blk = t.layers[pred_key][:, t.var_names.get_indexer(in_layer)]
-        parts.append(blk.toarray() if sp.issparse(blk) else np.asarray(blk))
-    if in_obsm:
-        parts.append(np.asarray(t.obsm[pred_key][in_obsm], dtype=np.float64))
-    pred = np.concatenate(parts, axis=1) if parts else np.zeros((t.n_obs, 0))
-    return in_layer + in_obsm, np.asarray(pred, dtype=np.float64), info
+def spot_predictions(data, t: AnnData, pred_key: str, i: int, *, table_key: str | None = None
+                     ) -> tuple[list[str], np.ndarray, dict]:
+    """Genes, ``(n_obs, G)`` predictions aligned to ``t`` and the record written by :func:`~spatialtranscriptformer.tl.predict`.
+
+    ``data`` is the slide as the user passed it (a SpatialData holds the predictions as its table
+    ``pred_key``; an AnnData as ``obsm[pred_key]``). Slide-level models give no genes and a ``(n_obs, 0)``
+    array; their record holds ``slide_expr``.
+    """
+    from ._prediction_table import read_predictions
+
+    genes, values, info = read_predictions(data, t, pred_key, kind="expression", i=i, table_key=table_key)
+    if values is None:
+        return [], np.zeros((t.n_obs, 0)), {**info, "level": "slide"}
+    return genes, values, info
+
+
+def _spot_mask(t: AnnData, spots: str | None, i: int) -> np.ndarray | None:
+    """The boolean ``obs[spots]`` column of table ``i`` (a clear error otherwise); ``None`` without ``spots``."""
+    if spots is None:
+        return None
+    if spots not in t.obs:
+        raise KeyError(f"Slide {i}: `spots`: no obs column {spots!r}; available: {list(t.obs.columns)[:10]}.")
+    col = t.obs[spots]
+    if col.dtype != bool or col.isna().any():
+        raise ValueError(f"Slide {i}: `spots`: obs[{spots!r}] must be a boolean column (True = a spot to score).")
+    mask = col.to_numpy(dtype=bool)
+    if not mask.any():
+        raise ValueError(f"Slide {i}: `spots`: obs[{spots!r}] marks no spot.")
+    return mask
 
 
 def _gene_rows(genes, slide, pred, true, coords, *, spatial: bool) -> list[dict]:
@@ -115,6 +126,7 @@ def evaluate(
     spatial: bool = True,
     slide_key: str = K.SLIDE_KEY,
     min_counts: float = 1,
+    spots: str | None = None,
     table_key: str | None = None,
 ) -> pd.DataFrame:
     """Compare predictions written by :func:`~spatialtranscriptformer.tl.predict` with measured expression.
@@ -140,23 +152,28 @@ def evaluate(
         predictions already written by :func:`~spatialtranscriptformer.tl.predict`.
     features
         ``"genes"``: predicted expression vs measured counts; ``"pathways"``: predicted pathway scores
-        (``obsm[pathway_key]``) vs pathway activity computed from *all* measured genes
+        (``pathway_key``) vs pathway activity computed from *all* measured genes
         (``obsm[true_pathway_key]`` from :func:`~spatialtranscriptformer.pp.pathway_activity`, computed
         on the fly with the Hallmark sets when absent).
     pred_key
-        Key given to :func:`~spatialtranscriptformer.tl.predict` as ``key_added``.
+        Key given to :func:`~spatialtranscriptformer.tl.predict` as ``key_added``: the prediction table
+        ``tables[pred_key]`` of a SpatialData, ``obsm[pred_key]`` of an AnnData.
     true_layer
         Layer with the measured raw counts (``None``: ``X``).
     log_transform
         Compare on ``log1p`` counts (predictions in count space are ``log1p``-transformed too).
     pathway_key, true_pathway_key
-        ``obsm`` keys of predicted pathway scores and of pathway activity targets.
+        Key of the predicted pathway scores (``pathway_key_added`` of :func:`~spatialtranscriptformer.tl.predict`)
+        and ``obsm`` key of the pathway activity targets.
     spatial
         Compute Moran's I of measured and predicted maps (genes only).
     slide_key
         ``obs`` column splitting a table into slides.
     min_counts
         QC threshold on the total counts of a spot.
+    spots
+        A boolean ``obs`` column of the expression table: score only the spots where it is ``True`` (e.g.
+        a held-out region of a slide predicted as a whole); the others are left out like QC-failed spots.
     {table_key}
 
     Returns
@@ -185,18 +202,22 @@ def evaluate(
             raise TypeError("`model=` is only used for super-resolution models; spot models are evaluated "
                             "from the predictions written by `stf.tl.predict` (`pred_key`).")
         return evaluate_superres(data, model, table_key=table_key)
-    tables = [get_table(d, table_key) for d in as_slide_list(data)]
+    slides = as_slide_list(data)
+    tables = [get_table(d, table_key) for d in slides]
+    masks = [_spot_mask(t, spots, i) for i, t in enumerate(tables)]
     if features == "pathways":
-        return _evaluate_pathways(tables, pathway_key=pathway_key, true_pathway_key=true_pathway_key,
-                                  true_layer=true_layer, slide_key=slide_key, min_counts=min_counts)
+        return _evaluate_pathways(slides, tables, masks, pathway_key=pathway_key, true_pathway_key=true_pathway_key,
+                                  true_layer=true_layer, slide_key=slide_key, min_counts=min_counts,
+                                  table_key=table_key)
 
-    preds = [spot_predictions(t, pred_key, i) for i, t in enumerate(tables)]  # validate all first
+    preds = [spot_predictions(d, t, pred_key, i, table_key=table_key)  # validate all first
+             for i, (d, t) in enumerate(zip(slides, tables, strict=True))]
     for i, (t, (genes, _, info)) in enumerate(zip(tables, preds, strict=True)):
         if genes or info.get("level", "spot") == "slide":
             layer_of(t, true_layer, f"table {i}")
     rows: list[dict] = []
     bulk_pred, bulk_true, bulk_n, bulk_genes = [], [], [], None
-    for t, (genes, pred_all, info) in zip(tables, preds, strict=True):
+    for t, mask, (genes, pred_all, info) in zip(tables, masks, preds, strict=True):
         space = info.get("target_space", "log1p")
         level = info.get("level", "spot")
         if level == "slide":
@@ -210,6 +231,10 @@ def evaluate(
         for r in collect_slides(t, slide_key=slide_key):
             y, tot = counts_block(r, genes, true_layer)
             keep = tot >= min_counts
+            if mask is not None:
+                keep &= mask[r.rows]
+                if not keep.any():
+                    continue
             true = np.log1p(y[keep]) if log_transform else y[keep]
             n = int(keep.sum())
             if level == "spot":
@@ -238,17 +263,20 @@ def evaluate(
     return res
 
 
-def _evaluate_pathways(tables, *, pathway_key, true_pathway_key, true_layer, slide_key, min_counts) -> pd.DataFrame:
+def _evaluate_pathways(slides, tables, masks, *, pathway_key, true_pathway_key, true_layer, slide_key, min_counts,
+                       table_key) -> pd.DataFrame:
     """Predicted pathway scores vs expression-derived activity, per pathway and slide (QC-masked)."""
     from .._stats import collapse_index, constant_columns, mean_r
     from ..train._data import collect_slides, layer_of
+    from ._prediction_table import read_predictions
 
     work = []
-    for i, t in enumerate(tables):
-        if pathway_key not in t.obsm:
-            raise KeyError(f"Slide {i}: no predicted pathway scores `obsm[{pathway_key!r}]`; run `stf.tl.predict` "
-                           "with a model that has pathway tokens.")
-        pred = t.obsm[pathway_key]
+    for i, (d, t) in enumerate(zip(slides, tables, strict=True)):
+        names, values, _ = read_predictions(d, t, pathway_key, kind="pathways", i=i, table_key=table_key)
+        if values is None:
+            raise ValueError(f"Slide {i}: `{pathway_key}` holds slide-level pathway scores (one per slide); "
+                             "pathways are evaluated per spot.")
+        pred = pd.DataFrame(values, index=t.obs_names, columns=names)
         if true_pathway_key in t.obsm:
             truth = t.obsm[true_pathway_key]
         else:
@@ -263,11 +291,16 @@ def _evaluate_pathways(tables, *, pathway_key, true_pathway_key, true_layer, sli
                 "come from a model trained without the auxiliary pathway loss (`pathway_loss_weight=0`)."
             )
         tot = np.asarray(layer_of(t, true_layer, f"table {i}").sum(axis=1), dtype=np.float64).ravel()
-        work.append((t, pred, truth, shared, tot >= min_counts))
+        qc = tot >= min_counts
+        if masks[i] is not None:
+            qc &= masks[i]
+        work.append((t, pred, truth, shared, qc))
     rows, summary = [], {}
     for t, pred, truth, shared, qc in work:
         for r in collect_slides(t, slide_key=slide_key):
             rows_ = r.rows[qc[r.rows]]
+            if not len(rows_):
+                continue
             a = np.asarray(pred[shared], dtype=np.float64)[rows_]
             b = np.asarray(truth[shared], dtype=np.float64)[rows_]
             pr, sr, coll = column_pearson(a, b), column_spearman(a, b), constant_columns(a)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from .. import _constants as K
 from .._data import as_slide_list, copy_data, get_table, is_spatialdata
@@ -85,25 +84,30 @@ def predict(
     table_key: str | None = None,
     progress: bool | None = None,
     copy: bool = False,
+    inplace: bool = True,
 ):
     """Predict expression (and pathway activity) of every spot from its embedding.
 
-    Everything is validated for all slides (embedding key and width, gene overlap) before anything is
-    written. Where the predictions go:
+    Everything is validated for all slides (embedding key and width, gene overlap, output keys) before
+    anything is written. Predictions are in the model's target space (``record['target_space']``:
+    ``"log1p"`` for log-transformed Gaussian losses, ``"counts"`` otherwise) and cover the model's genes
+    only. Where they go (see ``docs/outputs.md``):
 
-    - genes of the model present in ``var``: ``layers[key_added]``, a sparse CSR matrix whose columns
-      of those genes hold the predictions (other columns are empty); ``uns[key_added]['genes']`` lists them;
-    - genes of the model absent from ``var``: ``obsm[key_added]``, a DataFrame with one column per gene
-      (``uns[key_added]['obsm_genes']``);
-    - a table without genes (a slide without expression): in a SpatialData a new table
-      ``tables[key_added]`` with the model's genes (same obs and region annotation); in an AnnData,
-      ``obsm[key_added]`` with all the model's genes;
-    - pathway scores (models with pathway tokens): ``obsm[pathway_key_added]``, pathway names as columns;
-    - slide-level models: ``uns[key_added]['slide_expr']`` (slides x genes DataFrame) instead of per spot;
-    - parameters: ``uns[key_added]['params']``.
-
-    Predictions are in the model's target space (``uns[key_added]['target_space']``: ``"log1p"`` for
-    log-transformed Gaussian losses, ``"counts"`` otherwise).
+    - a SpatialData: a table per output, ``tables[key_added]`` (spots x the model's genes) and, for models
+      with pathway tokens, ``tables[pathway_key_added]`` (spots x pathways, ``var_names`` = pathway names).
+      Each has the predicted values in ``X``, the expression table's ``obs`` (same index, same region /
+      instance keys: linked to the same shapes), ``obsm['spatial']``, ``uns['spatial']`` and
+      ``uns['stf_slide']``, so ``sc.pl.spatial(sdata.tables["stf_pathways"], color="HALLMARK_HYPOXIA")``,
+      ``sq.gr.spatial_autocorr(sdata.tables["stf_pred"])`` and spatialdata-plot
+      (``render_shapes("spots", color=gene, table_name="stf_pred")``) read them as they are. The record is
+      ``uns[key]`` of each table (``kind``, ``params``, ``target_space``, ``source_table``); the expression
+      table is left unchanged. ``var['measured']`` marks the genes the expression table also has;
+    - an AnnData: ``obsm[key_added]`` and ``obsm[pathway_key_added]``, DataFrames with one column per gene /
+      pathway, and the records ``uns[key_added]``, ``uns[pathway_key_added]``;
+      :func:`~spatialtranscriptformer.tl.prediction_table` turns them into the tables above, and
+      ``inplace=False`` returns those tables without writing anything;
+    - slide-level models (one profile per slide): ``uns[key_added]['slide_expr']`` (and
+      ``['slide_pathways']``), slides x features DataFrames, in the expression table.
 
     Parameters
     ----------
@@ -114,9 +118,9 @@ def predict(
         image element instead (see :func:`~spatialtranscriptformer.tl.predict_superres`; element name
         ``"stf_superres"`` unless ``key_added`` is given).
     key_added
-        Layer / obsm / uns / table key of the predictions.
+        Table / ``obsm`` / ``uns`` key of the predicted expression.
     pathway_key_added
-        ``obsm`` key of the pathway scores.
+        Table / ``obsm`` / ``uns`` key of the predicted pathway scores.
     window_spots
         Slides with more spots are predicted in overlapping spatial windows of this many spots (cores of
         at most half a window plus the nearest spots as context), so memory stays bounded. Attention (and
@@ -128,10 +132,15 @@ def predict(
     {table_key}
     {progress}
     {copy}
+    inplace
+        ``False``: write nothing and return the prediction tables.
 
     Returns
     -------
-    ``None`` (or the modified copy / list of copies with ``copy=True``).
+    ``None``; with ``copy=True`` the modified copy (list of copies); with ``inplace=False`` a dict
+    ``{{key_added: AnnData, pathway_key_added: AnnData}}`` of prediction tables (the second only for models
+    with pathway tokens; slides x features for slide-level models), or a list of such dicts for a list of
+    slides.
     """
     from tqdm.auto import tqdm
 
@@ -141,8 +150,14 @@ def predict(
 
     if isinstance(model, str | os.PathLike) and _saved_superres(model):
         model = SuperResModel.load(model)
+    if copy and not inplace:
+        raise ValueError("`copy=True` returns a modified copy and `inplace=False` writes nothing: choose one.")
     if isinstance(model, SuperResModel):  # 2 µm super-resolution: a multiscale image element per slide
         from ._superres_predict import predict_superres_slides
+
+        if not inplace:
+            raise ValueError("`inplace=False` is not available for super-resolution models (their output is an "
+                             "image element written into each SpatialData).")
 
         predict_superres_slides(as_slide_list(data), model, table_key=table_key, progress=progress,
                                 key_added=K.SUPERRES_KEY if key_added == K.PRED_KEY else key_added)
@@ -156,6 +171,8 @@ def predict(
     for i, t in enumerate(tables):
         check_table(t, element=f"Slide {i}")
         _check_table(t, model, i)
+        _check_keys(slides[i], t, key_added=key_added, pathway_key_added=pathway_key_added, i=i,
+                    table_key=table_key, inplace=inplace)
     work = []
     for i, t in enumerate(tables):
         for r in collect_slides(t, slide_key=slide_key):
@@ -176,27 +193,57 @@ def predict(
         "model": model.model_name, "embedding_key": model.embedding_key, "n_genes": len(model.genes),
         "window_spots": window_spots, "level": model.level, "loss": model.loss, "target_space": model.target_space,
     }
-    for i, (s, t) in enumerate(zip(slides, tables, strict=True)):
-        _write(s, t, model, preds[i], key_added=key_added, pathway_key_added=pathway_key_added, params=params)
+    outputs = [_outputs(t, model, preds[i], key_added=key_added, pathway_key_added=pathway_key_added, params=params)
+               for i, t in enumerate(tables)]
+    if not inplace:
+        res = [_as_tables(t, out) for t, out in zip(tables, outputs, strict=True)]
+        return res[0] if single else res
+    for s, t, out in zip(slides, tables, outputs, strict=True):
+        _write(s, t, out, table_key=table_key)
     if copy:
         return slides[0] if single else slides
     return None
 
 
-def _write(sdata, t: AnnData, model: TrainedModel, preds: list, *, key_added: str, pathway_key_added: str, params: dict) -> None:
-    uns = {"params": dict(params), "target_space": model.target_space, "level": model.level, "genes": [], "obsm_genes": []}
-    if model.level == "slide":
-        uns["slide_expr"] = pd.DataFrame(
-            np.stack([p["expr"] for _, p in preds]), index=[r.slide_id for r, _ in preds], columns=model.genes
-        )
-        if preds[0][1]["pathway_scores"] is not None and model.pathways:
-            uns["slide_pathways"] = pd.DataFrame(
-                np.stack([p["pathway_scores"] for _, p in preds]), index=[r.slide_id for r, _ in preds],
-                columns=model.pathways,
-            )
-        t.uns[key_added] = uns
-        logger.info("Wrote slide-level predictions of %d genes to uns[%r].", len(model.genes), key_added)
+def _check_keys(sdata, t: AnnData, *, key_added: str, pathway_key_added: str, i: int, table_key: str | None,
+                inplace: bool) -> None:
+    """Output keys that would overwrite the expression table, or data not written by ``predict``, are refused."""
+    from .._data import prediction_record, resolve_table_key
+
+    if key_added == pathway_key_added:
+        raise ValueError(f"`key_added` and `pathway_key_added` are both {key_added!r}; give them different names.")
+    if not inplace:
         return
+    if is_spatialdata(sdata):
+        source = resolve_table_key(sdata, table_key)
+        for key in (key_added, pathway_key_added):
+            if key == source:
+                raise ValueError(f"Slide {i}: {key!r} is the expression table's name; choose another output key.")
+            if key in sdata.tables and prediction_record(sdata.tables[key], key) is None:
+                raise ValueError(f"Slide {i}: table {key!r} exists and was not written by `stf.tl.predict`; it is "
+                                 "not overwritten: choose another output key.")
+    for key in (key_added, pathway_key_added):
+        rec = t.uns.get(key)
+        ours = isinstance(rec, Mapping) and rec.get("kind") in K.PRED_KINDS
+        if (key in t.obsm or key in t.uns) and not ours:
+            where = "obsm" if key in t.obsm else "uns"
+            raise ValueError(f"Slide {i}: `{where}[{key!r}]` exists and was not written by `stf.tl.predict`; it is "
+                             "not overwritten: choose another output key.")
+
+
+def _outputs(t: AnnData, model: TrainedModel, preds: list, *, key_added: str, pathway_key_added: str,
+             params: dict) -> dict:
+    """Per output key: ``(names, values, record)``; ``values`` spots x features, or slides x features (slide level)."""
+    base = {"params": dict(params), "target_space": model.target_space, "level": model.level}
+    ids = [r.slide_id for r, _ in preds]
+    if model.level == "slide":
+        out = {key_added: (list(model.genes), pd.DataFrame(np.stack([p["expr"] for _, p in preds]), index=ids,
+                                                                  columns=list(model.genes)), {**base, "kind": "expression"})}
+        if preds[0][1]["pathway_scores"] is not None and model.pathways:
+            out[pathway_key_added] = (list(model.pathways), pd.DataFrame(
+                np.stack([p["pathway_scores"] for _, p in preds]), index=ids, columns=list(model.pathways)),
+                {**base, "kind": "pathways", "target_space": "score"})
+        return out
     expr = np.zeros((t.n_obs, len(model.genes)), dtype=np.float32)
     pw = None
     for r, p in preds:
@@ -205,45 +252,46 @@ def _write(sdata, t: AnnData, model: TrainedModel, preds: list, *, key_added: st
             if pw is None:
                 pw = np.zeros((t.n_obs, p["pathway_scores"].shape[1]), dtype=np.float32)
             pw[r.rows] = p["pathway_scores"]
-    genes = pd.Index(model.genes)
-    in_var = genes.isin(t.var_names)
-    if t.n_vars == 0 and is_spatialdata(sdata):
-        _new_table(sdata, t, expr, model, key_added=key_added, uns=uns)
-    else:
-        if in_var.any():
-            cols = t.var_names.get_indexer(genes[in_var])
-            block = expr[:, in_var]
-            order = np.argsort(cols)
-            indices = np.tile(cols[order], t.n_obs).astype(np.int32)
-            indptr = np.arange(0, t.n_obs * len(cols) + 1, len(cols), dtype=np.int64)
-            t.layers[key_added] = sp.csr_matrix((block[:, order].ravel(), indices, indptr), shape=(t.n_obs, t.n_vars))
-            uns["genes"] = genes[in_var].tolist()
-        if (~in_var).any():
-            t.obsm[key_added] = pd.DataFrame(expr[:, ~in_var], index=t.obs_names, columns=genes[~in_var].tolist())
-            uns["obsm_genes"] = genes[~in_var].tolist()
-            logger.info("%d model genes are not in `var`; their predictions are in obsm[%r].", int((~in_var).sum()), key_added)
+    out = {key_added: (list(model.genes), expr, {**base, "kind": "expression"})}
     if pw is not None:
-        names = model.pathways or [f"pathway_{k}" for k in range(pw.shape[1])]
-        t.obsm[pathway_key_added] = pd.DataFrame(pw, index=t.obs_names, columns=names)
-    t.uns[key_added] = uns
+        names = list(model.pathways or [f"pathway_{k}" for k in range(pw.shape[1])])
+        out[pathway_key_added] = (names, pw, {**base, "kind": "pathways", "target_space": "score"})
+    return out
 
 
-def _new_table(sdata, t: AnnData, expr: np.ndarray, model: TrainedModel, *, key_added: str, uns: dict) -> None:
-    import anndata as ad
-    from spatialdata.models import TableModel
+def _as_tables(t: AnnData, outputs: dict) -> dict:
+    """``inplace=False``: the prediction tables (nothing written)."""
+    from ._prediction_table import _slide_table, build_table
 
-    new = ad.AnnData(expr, obs=t.obs.copy(), var=pd.DataFrame(index=pd.Index(model.genes)))
-    for k in (K.SPATIAL_KEY, model.embedding_key):
-        if k in t.obsm:
-            new.obsm[k] = np.asarray(t.obsm[k]).copy()
-    if K.SLIDE_META_KEY in t.uns:
-        new.uns[K.SLIDE_META_KEY] = dict(t.uns[K.SLIDE_META_KEY])
-    new.uns[key_added] = dict(uns, genes=list(model.genes))
-    attrs = t.uns.get("spatialdata_attrs")
-    if attrs:
-        new = TableModel.parse(new, region=attrs["region"], region_key=attrs["region_key"], instance_key=attrs["instance_key"])
-    if key_added in sdata.tables:
-        del sdata.tables[key_added]
-    sdata.tables[key_added] = new
-    uns["table"] = key_added
-    logger.info("The table has no genes: wrote a new table %r with the model's %d genes.", key_added, len(model.genes))
+    res = {}
+    for key, (names, values, rec) in outputs.items():
+        if isinstance(values, pd.DataFrame):
+            res[key] = _slide_table(values, key=key, record=rec)
+        else:
+            res[key] = build_table(t, values, names, key=key, record=rec)
+    return res
+
+
+def _write(sdata, t: AnnData, outputs: dict, *, table_key: str | None) -> None:
+    """Write the outputs of one slide: prediction tables (SpatialData), ``obsm`` DataFrames (AnnData), ``uns``."""
+    from .._data import resolve_table_key
+    from ._prediction_table import SLIDE_FRAMES, build_table
+
+    for key, (names, values, rec) in outputs.items():
+        # an earlier prediction under this key in another layout (spot / slide level) is removed, never left stale
+        if is_spatialdata(sdata) and key in sdata.tables:
+            del sdata.tables[key]
+        t.obsm.pop(key, None)
+        t.uns.pop(key, None)
+        if isinstance(values, pd.DataFrame):  # slide level: in the expression table
+            t.uns[key] = {**rec, "stored_in": "uns", SLIDE_FRAMES[rec["kind"]]: values}
+            logger.info("Wrote slide-level predictions of %d features to uns[%r].", len(names), key)
+        elif is_spatialdata(sdata):
+            rec = {**rec, "source_table": resolve_table_key(sdata, table_key)}
+            sdata.tables[key] = build_table(t, values, names, key=key, record=rec)
+            logger.info("Wrote the %s of %d spots x %d %s to table %r.", "predictions" if rec["kind"] == "expression"
+                        else "pathway scores", t.n_obs, len(names), "genes" if rec["kind"] == "expression"
+                        else "pathways", key)
+        else:
+            t.obsm[key] = pd.DataFrame(values, index=t.obs_names, columns=names)
+            t.uns[key] = {**rec, "stored_in": "obsm"}
