@@ -741,7 +741,7 @@ def resources(tmp_path_factory):
 def test_matrix_size():
     assert len(CASES) >= 60
     assert len({c.id for c in CASES}) == len(CASES)
-    assert {c.area for c in CASES} == {"readers", "pp", "tl", "save/load", "cli"}
+    assert {c.area for c in CASES} == {"readers", "pp", "tl", "pl", "save/load", "cli"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
