@@ -32,7 +32,6 @@ import json
 import time
 
 import numpy as np
-import pandas as pd
 
 from _common import RESULTS, SHARED, write_result
 
@@ -42,8 +41,9 @@ CONTROLS = ("mirror", "rot90")
 PREVIOUS_DEFAULTS = {  # the library's defaults before the model-truth round (for the before/after rows)
     "model_kwargs": {"token_dim": 256, "n_layers": 2, "dropout": 0.1, "interactions": "all",
                      "positional_encoding": "sinusoidal", "gene_head": "pathways"},
-    "pathway_loss_weight": 0.0, "context_radius": None, "output_smoothing": 0.0, "validation": "patient",
-    "max_epochs": 100, "lr": 1e-3, "gene_sets": None,
+    "plan_kwargs": {"pathway_loss_weight": 0.0},
+    "data_kwargs": {"context_radius": None, "output_smoothing": 0.0, "gene_sets": None},
+    "validation": "patient", "max_epochs": 100, "lr": 1e-3,
 }
 # name -> (model, fit keyword arguments, deterministic)
 CONFIGS: dict[str, tuple[str, dict, bool]] = {
@@ -52,9 +52,11 @@ CONFIGS: dict[str, tuple[str, dict, bool]] = {
     "ridge (HEST probe)": ("ridge", {}, True),
     "ridge_cv (alpha by inner LOSO)": ("ridge_cv", {}, True),
     "he2rna": ("he2rna", {}, False),
-    "ridge_cv + neighbourhood context": ("ridge_cv", {"context_radius": 1.5}, True),
-    "ridge_cv + context + smoothing": ("ridge_cv", {"context_radius": 1.5, "output_smoothing": 0.3}, True),
-    "he2rna + context + smoothing": ("he2rna", {"context_radius": 1.5, "output_smoothing": 0.3}, False),
+    "ridge_cv + neighbourhood context": ("ridge_cv", {"data_kwargs": {"context_radius": 1.5}}, True),
+    "ridge_cv + context + smoothing": ("ridge_cv", {"data_kwargs": {"context_radius": 1.5, "output_smoothing": 0.3}},
+                                       True),
+    "he2rna + context + smoothing": ("he2rna", {"data_kwargs": {"context_radius": 1.5, "output_smoothing": 0.3}},
+                                     False),
 }
 
 

@@ -73,9 +73,10 @@ def _fit_eval(args, seed: int, cache: str) -> tuple[list[dict], list[dict], list
     for loss, gradnorm in CONFIGS:
         t0 = time.perf_counter()
         m = fit_superres(
-            fit_slides, backbone=bb, genes=args.genes, patch_um=args.patch_um, loss=loss, gradnorm=gradnorm,
-            val_patient="P2", max_epochs=args.epochs, batch_size=8, accumulate_grad_batches=1, lr=args.lr,
-            hidden=32, patience=args.patience, progress=False, cache_dir=cache, seed=seed,
+            fit_slides, genes=args.genes, loss=loss, validation=["P2"], max_epochs=args.epochs, batch_size=8,
+            lr=args.lr, early_stopping_patience=args.patience, seed=seed, progress=False,
+            model_kwargs={"backbone": bb, "patch_um": args.patch_um, "hidden": 32},
+            plan_kwargs={"gradnorm": gradnorm}, data_kwargs={"cache_dir": cache}, accumulate_grad_batches=1,
         )
         dt = time.perf_counter() - t0
         assert m.params["train_patients"] == ["P0", "P1"] and m.params["val_patients"] == ["P2"]
@@ -174,14 +175,12 @@ def predict_child(size_um: float, patch_um: int) -> None:
     )
     m = fit_superres(
         small,
-        backbone=tiny_backbone(),
         genes=50,
-        patch_um=patch_um,
         max_epochs=1,
-        hidden=32,
-        val_patient=False,
+        validation=None,
         progress=False,
-        cache_dir=tempfile.mkdtemp(),
+        model_kwargs={"backbone": tiny_backbone(), "patch_um": patch_um, "hidden": 32},
+        data_kwargs={"cache_dir": tempfile.mkdtemp()},
     )
     slide = stf.datasets.synthetic(
         n_spots=None, size_um=size_um, technology="visium", n_genes=10, n_pathways=2

@@ -38,8 +38,8 @@ def models(tmp_path_factory):
 
     slides = [_toy_slide("A", "P1", seed=0), _toy_slide("B", "P2", seed=1)]
     kw = {"embedding_key": "X_toy", "genes": GENES, "progress": False}
-    stf_model = stf.tl.fit(slides, model="stf", max_epochs=1, validation=None, gene_sets=None,
-                           model_kwargs={"token_dim": 16, "n_layers": 1, "n_heads": 2}, interactions="all", **kw)
+    stf_model = stf.tl.fit(slides, model="stf", max_epochs=1, validation=None, data_kwargs={"gene_sets": None},
+                           model_kwargs={"token_dim": 16, "n_layers": 1, "n_heads": 2, "interactions": "all"}, **kw)
     ridge = stf.tl.fit(slides, model="ridge", **kw)
     return {"stf": stf_model, "ridge": ridge, "slide": _toy_slide("C", "P3", seed=2)}
 

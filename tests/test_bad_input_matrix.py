@@ -249,8 +249,9 @@ class Resources:
     @cached_property
     def fit_kw(self) -> dict:
         return {"model": "stf", "embedding_key": "X_toy", "genes": [f"G{i}" for i in range(8)], "max_epochs": 1,
-                "validation": None, "progress": False, "interactions": "all", "model_kwargs": {"token_dim": 16, "n_layers": 1, "n_heads": 2},
-                "gene_sets": None, "seed": 0, "lr": 1e-3}
+                "validation": None, "progress": False,
+                "model_kwargs": {"token_dim": 16, "n_layers": 1, "n_heads": 2, "interactions": "all"},
+                "data_kwargs": {"gene_sets": None}, "seed": 0, "lr": 1e-3}
 
     @cached_property
     def toy_pair(self) -> list:

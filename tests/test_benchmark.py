@@ -39,7 +39,7 @@ def slides():
     return [_slide(f"s{i}", f"p{i}", 25 + 3 * i, seed=i) for i in range(4)]
 
 
-FAST = {"max_epochs": 3, "validation": None, "early_stopping_patience": None, "warmup_epochs": 0, "lr": 3e-3}
+FAST = {"max_epochs": 3, "validation": None, "early_stopping_patience": None, "plan_kwargs": {"warmup_epochs": 0}, "lr": 3e-3}
 TINY = {"he2rna": {"hidden": [16]}, "attention_mil": {"hidden": 16, "attention_dim": 8}}
 
 

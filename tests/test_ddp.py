@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent(
         a.uns["stf_slide"] = {"mpp": 1.0, "slide_id": f"s{i}"}
         slides.append(a)
     model = stf.tl.fit(
-        slides, genes=4, gene_sets=None, max_epochs=2, validation="slide", val_fraction=0.5,
+        slides, genes=4, data_kwargs={"gene_sets": None, "val_fraction": 0.5}, max_epochs=2, validation="slide",
         model_kwargs={"token_dim": 16, "n_heads": 2, "num_pathways": 4}, accelerator="cpu", devices=2,
         strategy="ddp", progress=False, callbacks=[Ranks()],
     )

@@ -48,16 +48,14 @@ def model(hd_slides, tmp_path_factory):
 
     return fit_superres(
         hd_slides[:2],
-        backbone=tiny_backbone(),
         genes=6,
-        patch_um=64,
         max_epochs=2,
         batch_size=8,
-        accumulate_grad_batches=1,
         lr=1e-3,
-        hidden=16,
         progress=False,
-        cache_dir=tmp_path_factory.mktemp("cache"),
+        model_kwargs={"backbone": tiny_backbone(), "patch_um": 64, "hidden": 16},
+        data_kwargs={"cache_dir": tmp_path_factory.mktemp("cache")},
+        accumulate_grad_batches=1,
     )
 
 

@@ -39,7 +39,7 @@ def test_split_and_gene_selection_use_training_patches_only(slides3):
     from spatialtranscriptformer.train._superres_data import patch_layout, select_genes
 
     layout = patch_layout(slides3, patch_um=64)
-    tr, va = _split(layout.patient_ids, "P1", 0)
+    tr, va = _split(layout.patient_ids, ["P1"], 0)
     assert set(layout.patient_ids[tr]) == {"P0", "P2"} and set(layout.patient_ids[va]) == {"P1"}
     rows = layout.rows(tr)
     assert len(rows[1]) == 0 and len(rows[0]) and len(rows[2])  # no bin of the validation slide
@@ -50,11 +50,11 @@ def test_split_and_gene_selection_use_training_patches_only(slides3):
     )
     # one patient: a random 20% of the patches validate (warned), and their bins choose no gene
     with pytest.warns(UserWarning, match="Only one patient"):
-        tr1, va1 = _split(np.array(["P0"] * 10), None, 0)
+        tr1, va1 = _split(np.array(["P0"] * 10), "patient", 0)
     assert len(va1) == 2 and not set(tr1) & set(va1)
     one = patch_layout(slides3[0], patch_um=64)
     with pytest.warns(UserWarning, match="Only one patient"):
-        tr1, va1 = _split(one.patient_ids, None, 0)
+        tr1, va1 = _split(one.patient_ids, "patient", 0)
     a, b = one.rows(tr1)[0], one.rows(va1)[0]
     assert len(a) and len(b) and not set(a.tolist()) & set(b.tolist())
 
@@ -72,8 +72,9 @@ def test_fit_chooses_genes_without_the_validation_patient(tmp_path):
     boosted = _boost_quiet_gene(slides[1])  # patient P1, the validation patient
     assert boosted in superres_targets(slides, genes=3, patch_um=64).genes  # picked if P1's bins counted
     m = fit_superres(
-        slides, backbone=tiny_backbone(), genes=3, patch_um=64, max_epochs=1, batch_size=8,
-        accumulate_grad_batches=1, hidden=8, n_layers=1, progress=False, cache_dir=tmp_path,
+        slides, genes=3, max_epochs=1, batch_size=8, progress=False, accumulate_grad_batches=1,
+        model_kwargs={"backbone": tiny_backbone(), "patch_um": 64, "hidden": 8, "n_layers": 1},
+        data_kwargs={"cache_dir": tmp_path},
     )
     assert m.params["val_patients"] == ["P1"] and m.params["train_patients"] == ["P0"]
     assert boosted not in m.genes and m.params["gene_selection"] == "training patches"
@@ -89,8 +90,9 @@ def test_cross_validate_superres_leave_one_patient_out(slides3, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # three patients: no fallback, no "not held-out" warning
         res = stf.tl.cross_validate(
-            slides3, model="superres", backbone=tiny_backbone(), genes=3, patch_um=64, max_epochs=1,
-            batch_size=8, accumulate_grad_batches=1, hidden=8, n_layers=1, progress=False, cache_dir=tmp_path,
+            slides3, model="superres", genes=3, max_epochs=1, batch_size=8, accumulate_grad_batches=1,
+            model_kwargs={"backbone": tiny_backbone(), "patch_um": 64, "hidden": 8, "n_layers": 1},
+            data_kwargs={"cache_dir": tmp_path}, progress=False,
         )
     assert sorted(res["fold"].unique()) == ["P0", "P1", "P2"]
     assert set(res.columns) >= {"fold", "gene", "scale_um", "pcc", "ssim", "n_bins"}
@@ -112,7 +114,7 @@ def test_cross_validate_superres_bad_input(slides3):
     from spatialtranscriptformer.tl import cross_validate_superres
 
     with pytest.raises(ValueError, match="chooses the validation patient"):
-        cross_validate_superres(slides3, val_patient="P1")
+        cross_validate_superres(slides3, validation=["P1"])
     with pytest.raises(ValueError, match="do not apply to model='superres'"):
         stf.tl.cross_validate(slides3, model="superres", layer=None)
     with pytest.raises(ValueError, match="at least 2 patient groups"):

@@ -68,8 +68,9 @@ def test_fit_save_load_identical(tmp_path):
         technology="visium_hd", bin_size_um=2, size_um=128, n_genes=10, n_pathways=2, n_slides=2, n_patients=2
     )
     model = fit_superres(
-        slides, backbone=rebuildable_backbone(), genes=4, patch_um=64, max_epochs=1, batch_size=8,
-        accumulate_grad_batches=1, lr=1e-3, hidden=16, n_layers=1, progress=False, cache_dir=tmp_path / "cache",
+        slides, genes=4, max_epochs=1, batch_size=8, lr=1e-3, progress=False, accumulate_grad_batches=1,
+        model_kwargs={"backbone": rebuildable_backbone(), "patch_um": 64, "hidden": 16, "n_layers": 1},
+        data_kwargs={"cache_dir": tmp_path / "cache"},
     )
     path = tmp_path / "sr"
     model.save(path)
@@ -204,7 +205,9 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="format version 99"):
         SuperResModel.load(tampered("v", version=99))
     with pytest.raises(ValueError, match="not a saved SuperResModel"):
-        SuperResModel.load(tampered("f", format="spatialtranscriptformer.model"))
+        SuperResModel.load(tampered("f", kind="spot"))
+    with pytest.raises(ValueError, match="not a saved spatialtranscriptformer model"):
+        SuperResModel.load(tampered("f2", format="other.tool"))
     with pytest.raises(ValueError, match="patch_um"):
         SuperResModel.load(tampered("p", patch_um=128))
     with pytest.raises(ValueError, match="arch"):

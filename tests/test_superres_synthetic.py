@@ -31,19 +31,17 @@ def test_mse_on_log1p_predicts_lower_counts_than_poisson(tmp_path):
     for loss in ("poisson", "mse"):
         m = fit_superres(
             slides[:2],
-            backbone=bb,
             genes=8,
-            patch_um=64,
             loss=loss,
-            gradnorm=loss == "poisson",
             max_epochs=6,
             batch_size=8,
-            accumulate_grad_batches=1,
             lr=3e-3,
-            hidden=32,
-            patience=None,
+            early_stopping_patience=None,
             progress=False,
-            cache_dir=tmp_path,
+            model_kwargs={"backbone": bb, "patch_um": 64, "hidden": 32},
+            plan_kwargs={"gradnorm": loss == "poisson"},
+            data_kwargs={"cache_dir": tmp_path},
+            accumulate_grad_batches=1,
         )
         assert m.params["val_patients"] == ["P1"] and m.params["train_patients"] == ["P0"]
         test = superres_targets(slides[2], genes=m.genes, patch_um=64, values="true_rates")

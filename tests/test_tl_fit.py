@@ -9,7 +9,7 @@ import spatialtranscriptformer as stf
 from spatialtranscriptformer.pp._gene_sets import load_gene_sets
 
 TINY = {"token_dim": 16, "n_heads": 2, "num_pathways": 4}
-FAST = {"max_epochs": 2, "gene_sets": None, "model_kwargs": TINY, "accelerator": "cpu", "progress": False}
+FAST = {"max_epochs": 2, "data_kwargs": {"gene_sets": None}, "model_kwargs": TINY, "accelerator": "cpu", "progress": False}
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def _weights(m):
 
 @pytest.mark.slow
 def test_fit_history_metrics_and_determinism(slides):
-    m = stf.tl.fit(slides, genes=6, max_epochs=3, gene_sets=None, model_kwargs=TINY, accelerator="cpu", progress=False,
+    m = stf.tl.fit(slides, genes=6, max_epochs=3, data_kwargs={"gene_sets": None}, model_kwargs=TINY, accelerator="cpu", progress=False,
                    validation="patient")
     h = m.history
     assert list(h.columns) == ["epoch", "train_loss", "val_loss", "val_pcc", "lr"]
@@ -33,17 +33,17 @@ def test_fit_history_metrics_and_determinism(slides):
     assert m.best_epoch == int(h["val_loss"].idxmin())
     assert len(m.genes) == 6 and m.embedding_key == "X_toy" and m.input_dim == 8 and m.level == "spot"
     assert set(m.fit_params["val_slides"]) in ({"s0", "s1"}, {"s2", "s3"})  # one whole patient held out
-    m2 = stf.tl.fit(slides, genes=6, max_epochs=3, gene_sets=None, model_kwargs=TINY, accelerator="cpu", progress=False,
+    m2 = stf.tl.fit(slides, genes=6, max_epochs=3, data_kwargs={"gene_sets": None}, model_kwargs=TINY, accelerator="cpu", progress=False,
                     validation="patient")
     w1, w2 = _weights(m), _weights(m2)
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
-    m3 = stf.tl.fit(slides, genes=6, max_epochs=1, gene_sets=None, model_kwargs=TINY, accelerator="cpu",
+    m3 = stf.tl.fit(slides, genes=6, max_epochs=1, data_kwargs={"gene_sets": None}, model_kwargs=TINY, accelerator="cpu",
                     progress=False, seed=1)
     assert not all(torch.equal(w1[k], v) for k, v in _weights(m3).items())
 
 
 def test_fit_restores_best_epoch_weights(slides, tmp_path):
-    kw = {**FAST, "max_epochs": 3, "validation": "patient", "monitor": "val_pcc"}
+    kw = {**FAST, "max_epochs": 3, "validation": "patient", "plan_kwargs": {"monitor": "val_pcc"}}
     m = stf.tl.fit(slides, genes=4, **kw, checkpoint_dir=tmp_path)
     best = torch.load(tmp_path / "best.ckpt", weights_only=True)
     assert m.best_epoch == best["epoch"] == int(m.history["val_pcc"].idxmax())
@@ -111,11 +111,11 @@ def test_pathway_tokens_named_by_gene_sets_measured_whatever_genes_are_predicted
     stf.tl.predict(s, m, progress=False)
     assert list(s.obsm["stf_pathways"].columns) == named
     # weight 0: nothing ties tokens to names -> unnamed scores
-    m0 = stf.tl.fit(data, genes=["G_OTHER"], pathway_loss_weight=0, **kw)
+    m0 = stf.tl.fit(data, genes=["G_OTHER"], plan_kwargs={"pathway_loss_weight": 0}, **kw)
     assert m0.pathways == [f"token_{i}" for i in range(m0.module.num_pathways)]
     # pathway_init links tokens to their predicted member genes (needs a reconstructor in the gene head)
-    mi = stf.tl.fit(data, genes=measured[:4], pathway_init=True,
-                    **{**kw, "model_kwargs": {**kw["model_kwargs"], "gene_head": "both"}})
+    mi = stf.tl.fit(data, genes=measured[:4],
+                    **{**kw, "model_kwargs": {**kw["model_kwargs"], "gene_head": "both", "pathway_init": True}})
     assert mi.model_arrays["pathway_membership"].shape == (4, len(named))
     # data whose genes are not symbols: auto -> a warning and unnamed tokens; an explicit weight is an error
     toy = make_toy_slide("x", "p")
@@ -123,7 +123,7 @@ def test_pathway_tokens_named_by_gene_sets_measured_whatever_genes_are_predicted
         mt = stf.tl.fit(toy, genes=["G0", "G1"], max_epochs=1, progress=False)
     assert mt.pathways[0] == "token_0"
     with pytest.raises(ValueError, match="No gene set has >= 5 members"):
-        stf.tl.fit(toy, genes=["G0", "G1"], pathway_loss_weight=0.5, max_epochs=1)
+        stf.tl.fit(toy, genes=["G0", "G1"], plan_kwargs={"pathway_loss_weight": 0.5}, max_epochs=1)
 
 
 def test_ridge_dispatch_and_unknown_model(slides):
@@ -163,8 +163,8 @@ def _unchanged(a, b):
         (lambda s: s[0].obsm["X_toy"].__setitem__((0, 0), np.nan), {}, ValueError, "NaN"),
         (lambda s: s[3].layers["counts"].__setitem__((0, 0), np.inf), {}, ValueError, "NaN/inf"),
         (lambda s: s[1].layers.__setitem__("counts", s[1].layers["counts"] * 0.5), {"loss": "poisson"}, ValueError, "integer"),
-        (lambda s: None, {"interactions": ("p2p", "p2h", "h2p"), "model_kwargs": {**TINY, "n_layers": 1}}, ValueError, "h2h"),
-        (lambda s: None, {"layer": "raw"}, KeyError, "raw"),
+        (lambda s: None, {"model_kwargs": {**TINY, "n_layers": 1, "interactions": ("p2p", "p2h", "h2p")}}, ValueError, "h2h"),
+        (lambda s: None, {"data_kwargs": {"gene_sets": None, "layer": "raw"}}, KeyError, "raw"),
         (lambda s: None, {"loss": "huber"}, ValueError, "huber"),
     ],
 )

@@ -20,7 +20,7 @@ def slides(make_toy_slide):
 
 @pytest.fixture(scope="module")
 def model(slides):
-    return stf.tl.fit(slides, genes=["G0", "G1", "G2", "G3"], max_epochs=2, gene_sets=None, model_kwargs=TINY,
+    return stf.tl.fit(slides, genes=["G0", "G1", "G2", "G3"], max_epochs=2, data_kwargs={"gene_sets": None}, model_kwargs=TINY,
                       accelerator="cpu", progress=False)
 
 
@@ -337,8 +337,9 @@ def test_cross_validate_controls_and_slide_level_models(slides):
     by = res.groupby("control").pearson.mean()
     assert by["none"] == pytest.approx(by["mirror"]) == pytest.approx(by["rot90"])  # reads no coordinates
     # a model with an absolute positional encoding sees another layout once the held-out slide is rotated
-    pe = stf.tl.cross_validate(slides, groups="slide", genes=4, controls=("rot90",), max_epochs=2, gene_sets=None,
-                               model_kwargs={**TINY, "positional_encoding": "sinusoidal"}, context_radius=None,
+    pe = stf.tl.cross_validate(slides, groups="slide", genes=4, controls=("rot90",), max_epochs=2,
+                               data_kwargs={"gene_sets": None, "context_radius": None},
+                               model_kwargs={**TINY, "positional_encoding": "sinusoidal"},
                                accelerator="cpu", progress=False)
     a, b = (pe[pe.control == c].sort_values(["fold", "gene"]).pearson.to_numpy() for c in ("none", "rot90"))
     assert not np.allclose(a, b)
@@ -356,8 +357,9 @@ def test_cross_validate_controls_and_slide_level_models(slides):
 
 @pytest.mark.slow
 def test_cross_validate_stf_validation_stays_inside_training_folds(slides):
-    res = stf.tl.cross_validate(slides, groups="patient", genes=3, max_epochs=1, gene_sets=None, model_kwargs=TINY,
-                                accelerator="cpu", validation="slide", val_fraction=0.5)
+    res = stf.tl.cross_validate(slides, groups="patient", genes=3, max_epochs=1, model_kwargs=TINY,
+                                data_kwargs={"gene_sets": None, "val_fraction": 0.5}, accelerator="cpu",
+                                validation="slide")
     assert len(res.attrs["histories"]) == 3
     for fold, h in res.attrs["histories"].items():
         assert len(h) == 1 and np.isfinite(h.val_pcc).all()

@@ -91,6 +91,36 @@ overwrite
 image_key
     Image element; defaults to the one recorded by the reader."""
 
+doc_train = """\
+max_epochs
+    Training epochs.
+lr
+    AdamW learning rate; ``None``: the model's default.
+batch_size
+    Slides (spot models) or patches (super-resolution) per step; ``None``: the model's default.
+early_stopping_patience
+    Epochs without improvement of the validation metric before stopping (``None``: never); ``"auto"``:
+    the model's default. Without validation data training runs all ``max_epochs``.
+seed
+    Seed of the split, the initialisation, the data order and dropout (runs on CPU are reproducible).
+model_kwargs
+    The model's hyperparameters (for the registered models and their defaults:
+    ``stf.module.available_models(details=True)``).
+plan_kwargs
+    Training-plan options (loss weights, weight decay, warm-up; see below).
+data_kwargs
+    How inputs and targets are made from the slides (see below).
+accelerator, devices
+    Lightning ``Trainer`` settings (``"auto"``: a GPU when there is one).
+checkpoint_dir
+    Folder for Lightning's ``best.ckpt`` / ``last.ckpt`` (kept). ``None``: nothing is written; the best
+    weights are kept in memory."""
+
+doc_trainer_kwargs = """\
+**trainer_kwargs
+    More :class:`lightning.pytorch.Trainer` arguments (e.g. ``precision``, ``callbacks``, which are added
+    to ours, ``gradient_clip_val``, ``accumulate_grad_batches``, ``strategy="ddp"``)."""
+
 
 def doc_params(**kwds: str):
     """Substitute shared parameter text into a docstring (``{name}`` placeholders)."""

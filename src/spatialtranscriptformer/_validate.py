@@ -307,7 +307,9 @@ def check_target_counts(y, *, slide_id: str, layer: str | None, loss: str, log_t
     """Training targets: raw integer counts for the count losses, raw counts (not log-normalised) for ``log1p``."""
     element = f"Slide {slide_id!r}: layer {layer!r}" if layer else f"Slide {slide_id!r}: X"
     hint = "Pass layer= with the raw counts (or log_transform=False for targets already transformed)."
-    if loss in ("zinb", "poisson"):
+    from .module._losses import get_loss
+
+    if get_loss(loss).counts:
         check_counts(y, element=element, hint=f"Loss {loss!r} needs raw integer counts; pass layer= with them.",
                      integer="error")
     elif log_transform:

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSSES = ("mse", "pcc", "mse_pcc", "zinb", "poisson")
-"""Loss names every model accepts (see :mod:`spatialtranscriptformer.module._losses`)."""
+from ._losses import get_loss
+
 LEVELS = ("spot", "slide")
 
 doc_dims = """\
@@ -30,8 +30,10 @@ gene_means
 
 def check_loss_level(name: str, loss: str, level: str, levels: tuple[str, ...]) -> None:
     """Raise a clear ``ValueError`` for an unknown loss or an unsupported level of model ``name``."""
-    if loss not in LOSSES:
-        raise ValueError(f"Unknown loss {loss!r} for model {name!r}; choose one of {list(LOSSES)}.")
+    try:
+        get_loss(loss)
+    except ValueError as err:
+        raise ValueError(f"Model {name!r}: {err}") from None
     if level not in LEVELS:
         raise ValueError(f"Unknown level {level!r} for model {name!r}; choose 'spot' or 'slide'.")
     if level not in levels:
@@ -50,8 +52,9 @@ def _inv_softplus(x: torch.Tensor) -> torch.Tensor:
 class OutputHead(nn.Module):
     """Linear read-out to genes in target space, with the parameters the loss needs.
 
-    ``mse``/``pcc``/``mse_pcc``: ``expr`` is linear; ``poisson``: ``rate = softplus(.)`` and
-    ``expr = rate``; ``zinb``: ``mu = softplus(.)``, ``theta = softplus(.) + 1e-4``,
+    The loss's head (:mod:`~spatialtranscriptformer.module._losses`) decides the outputs: ``"expr"``
+    (``mse``/``pcc``/``mse_pcc``): ``expr`` is linear; ``"rate"`` (``poisson``): ``rate = softplus(.)`` and
+    ``expr = rate``; ``"zinb"``: ``mu = softplus(.)``, ``theta = softplus(.) + 1e-4``,
     ``pi = sigmoid(.)`` and ``expr = (1 - pi) * mu``.
 
     Parameters
@@ -71,11 +74,9 @@ class OutputHead(nn.Module):
         self, in_dim: int, num_genes: int, *, loss: str, gene_means: np.ndarray | None = None
     ) -> None:
         super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"Unknown loss {loss!r}; choose one of {list(LOSSES)}.")
-        self.loss = loss
+        self.loss, self.head = loss, get_loss(loss).head
         self.expr = nn.Linear(in_dim, num_genes)
-        if loss == "zinb":
+        if self.head == "zinb":
             self.theta = nn.Linear(in_dim, num_genes)
             self.pi = nn.Linear(in_dim, num_genes)
         if gene_means is not None:
@@ -85,15 +86,15 @@ class OutputHead(nn.Module):
             if not torch.isfinite(m).all():
                 raise ValueError("gene_means has NaN/inf values.")
             with torch.no_grad():
-                self.expr.bias.copy_(m if loss in ("mse", "pcc", "mse_pcc") else _inv_softplus(m))
+                self.expr.bias.copy_(m if self.head == "expr" else _inv_softplus(m))
 
     def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         """Map features (..., D) to a dict of (..., G) tensors."""
         z = self.expr(h)
-        if self.loss == "poisson":
+        if self.head == "rate":
             rate = F.softplus(z)
             return {"expr": rate, "rate": rate}
-        if self.loss == "zinb":
+        if self.head == "zinb":
             mu = F.softplus(z)
             theta = F.softplus(self.theta(h)) + 1e-4
             pi = torch.sigmoid(self.pi(h))

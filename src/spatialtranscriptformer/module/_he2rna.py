@@ -17,6 +17,7 @@ from torch import nn
 
 from .._docs import doc_params
 from ._baseline_head import OutputHead, check_loss_level, doc_dims
+from ._losses import get_loss
 
 HE2RNA_KS = (1, 2, 5, 10, 20, 50, 100)
 """Top-k values of the paper's configuration (``configs/config_all_genes.ini``)."""
@@ -70,9 +71,9 @@ class HE2RNA(nn.Module):
     ) -> None:
         super().__init__()
         check_loss_level("he2rna", loss, level, ("spot", "slide"))
-        if level == "slide" and loss == "zinb":
+        if level == "slide" and get_loss(loss).head == "zinb":
             raise ValueError(
-                "Model 'he2rna' at level 'slide' does not support loss 'zinb'; use level 'spot'."
+                f"Model 'he2rna' at level 'slide' does not support loss {loss!r} (a zinb head); use level 'spot'."
             )
         ks = tuple(int(k) for k in ks)
         if not ks or min(ks) < 1:

@@ -22,16 +22,28 @@ All losses take a ``(B, S)`` boolean ``mask`` (``True`` = real spot) and ignore 
 
 The count likelihoods expect raw (non-negative, integer) counts; they are defined for non-integer values
 too (via ``lgamma``), so checking integrality is the data layer's job, not the loss's.
+
+The loss table
+--------------
+Every training loss is one entry of the table of this module (:func:`register_loss`): its function, the
+output head it needs from a model (``"expr"``: a linear prediction; ``"rate"``: a positive Poisson rate;
+``"zinb"``: mean, inverse dispersion and dropout), and whether it trains on raw counts (``counts=True``:
+predictions are counts) or on ``log1p`` counts when ``log_transform`` (predictions are log1p counts).
+Models build their output heads from the entry, the data layer its targets, :func:`compute_loss` the
+total, the model wrapper its target space: a new loss is one :func:`register_loss` call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
 LOSSES = ("mse", "pcc", "mse_pcc", "zinb", "poisson")
-"""Valid loss names."""
+"""The built-in losses (:func:`available_losses` lists these and any registered since)."""
+HEADS = {"expr": ("expr",), "rate": ("rate",), "zinb": ("mu", "theta", "pi")}
+"""Output heads a loss can ask for, and the model outputs each provides (besides ``"expr"``)."""
 
 _EPS = 1e-8
 _CONST_REL = 1e-5  # a column whose std is <= 1e-5 x |mean| (float32 round-off) counts as constant
@@ -276,7 +288,7 @@ def compute_loss(
     batch
         ``{"y": (B, S, G), "mask": (B, S), "pathway_targets": (B, S, P) (optional), ...}``.
     loss
-        One of :data:`LOSSES`.
+        A loss of the table (:func:`available_losses`).
     pcc_weight
         Weight ``alpha`` of the PCC term in ``mse_pcc``.
     pathway_loss_weight
@@ -289,8 +301,7 @@ def compute_loss(
     The total loss tensor and its parts as floats (``"mse"``, ``"pcc"``, ``"zinb"``, ``"poisson"``,
     ``"pathway"``, ``"total"`` as applicable).
     """
-    if loss not in LOSSES:
-        raise ValueError(f"Unknown loss {loss!r}; valid losses: {list(LOSSES)}.")
+    spec = get_loss(loss)
     if pcc_weight < 0 or pathway_loss_weight < 0 or pathway_structure_weight < 0:
         raise ValueError(
             f"Loss weights must be >= 0, got pcc_weight={pcc_weight}, pathway_loss_weight={pathway_loss_weight}, "
@@ -301,31 +312,20 @@ def compute_loss(
             raise KeyError(f"The batch has no {key!r} entry (keys: {sorted(batch)}).")
     if "expr" not in out:
         raise KeyError(f"The model output has no 'expr' entry (keys: {sorted(out)}).")
+    missing = [k for k in spec.outputs if k not in out]
+    if missing:
+        raise KeyError(f"Loss {loss!r} needs model outputs {missing}; the model returned {sorted(out)}.")
     mask = batch["mask"].bool()
     y = batch["y"]
     slide_level = out["expr"].ndim == 2
     target, m = (masked_mean_over_spots(y, mask), None) if slide_level else (y, mask)
 
-    def need(*keys: str) -> list[torch.Tensor]:
-        missing = [k for k in keys if k not in out]
-        if missing:
-            raise KeyError(f"Loss {loss!r} needs model outputs {missing}; the model returned {sorted(out)}.")
-        return [out[k] for k in keys]
-
-    parts: dict[str, torch.Tensor] = {}
-    if loss in ("mse", "mse_pcc"):
-        parts["mse"] = masked_mse(out["expr"], target, m)
-    if loss in ("pcc", "mse_pcc"):
-        parts["pcc"] = pcc_loss(out["expr"], target, m)
-    if loss == "zinb":
-        mu, theta, pi = need("mu", "theta", "pi")
-        parts["zinb"] = zinb_nll(target, mu, theta, pi, m)
-    if loss == "poisson":
-        (rate,) = need("rate")
-        parts["poisson"] = poisson_nll(rate, target, m)
-    total = parts["pcc"] if loss == "pcc" else parts.get("mse", parts.get("zinb", parts.get("poisson")))
-    if loss == "mse_pcc":
-        total = parts["mse"] + pcc_weight * parts["pcc"]
+    res = spec.fn(out, target, m, pcc_weight=pcc_weight)
+    if isinstance(res, Mapping):
+        parts: dict[str, torch.Tensor] = {k: v for k, v in res.items() if k != "total"}
+        total = res["total"]
+    else:
+        parts, total = {loss: res}, res
     if pathway_loss_weight > 0:
         if "pathway_scores" not in out:
             raise KeyError(
@@ -347,9 +347,136 @@ def compute_loss(
     return total, logged
 
 
+@dataclass(frozen=True)
+class LossSpec:
+    """One entry of the loss table.
+
+    Attributes
+    ----------
+    name
+        Name passed as ``loss=`` to :func:`~spatialtranscriptformer.tl.fit`.
+    fn
+        ``fn(out, target, mask, *, pcc_weight) -> Tensor | dict``: the loss of model outputs ``out`` (a dict
+        with the keys of ``head``) against ``target`` (``(B, S, G)`` with a ``(B, S)`` mask, or ``(B, G)`` for
+        slide-level predictions with ``mask=None``). A dict return holds named parts and the ``"total"``.
+    head
+        Output head the loss needs from the model: ``"expr"`` (linear), ``"rate"`` (softplus rate, also
+        written to ``"expr"``) or ``"zinb"`` (``"mu"``, ``"theta"``, ``"pi"``; ``"expr"`` the mean).
+    counts
+        ``True``: trained on raw integer counts and predicting counts; ``False``: trained on ``log1p``
+        counts when ``log_transform`` (the default), predicting log1p counts.
+    description
+        One line shown by :func:`available_losses`.
+    """
+
+    name: str
+    fn: Callable[..., torch.Tensor | dict]
+    head: str = "expr"
+    counts: bool = False
+    description: str = ""
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Model outputs the loss reads."""
+        return HEADS[self.head]
+
+
+_LOSS_TABLE: dict[str, LossSpec] = {}
+
+
+def register_loss(
+    name: str,
+    fn: Callable[..., torch.Tensor | dict] | None = None,
+    *,
+    head: str = "expr",
+    counts: bool = False,
+    description: str = "",
+):
+    """Add a loss to the table (usable as ``stf.tl.fit(loss=name)`` by every model with that output head).
+
+    Parameters
+    ----------
+    name
+        Loss name.
+    fn
+        ``fn(out, target, mask, *, pcc_weight) -> Tensor`` (see :class:`LossSpec`); ``None`` returns a
+        decorator.
+    head
+        ``"expr"``, ``"rate"`` or ``"zinb"`` (the outputs the model must produce, see :data:`HEADS`).
+    counts
+        Train on raw integer counts (never log-transformed) and predict counts.
+    description
+        One line shown by :func:`available_losses`.
+
+    Returns
+    -------
+    ``fn`` (or, without ``fn``, a decorator registering the function it decorates).
+
+    Examples
+    --------
+    >>> from spatialtranscriptformer.module import register_loss
+    >>> @register_loss("l1", description="mean absolute error")
+    ... def l1(out, target, mask, **_):
+    ...     return masked_mean_abs(out["expr"] - target, mask)  # doctest: +SKIP
+    """
+    if head not in HEADS:
+        raise ValueError(f"Loss {name!r}: head must be one of {list(HEADS)}, got {head!r}.")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"A loss name must be a non-empty string, got {name!r}.")
+
+    def decorator(f: Callable[..., torch.Tensor | dict]) -> Callable[..., torch.Tensor | dict]:
+        old = _LOSS_TABLE.get(name)
+        if old is not None and old.fn is not f and (old.fn.__module__, old.fn.__qualname__) != (
+            f.__module__, f.__qualname__
+        ):
+            raise ValueError(f"A loss named {name!r} is already registered (by {old.fn.__module__}).")
+        _LOSS_TABLE[name] = LossSpec(name=name, fn=f, head=head, counts=bool(counts), description=description)
+        return f
+
+    return decorator if fn is None else decorator(fn)
+
+
+def get_loss(name: str) -> LossSpec:
+    """The table entry of loss ``name``; a ``ValueError`` lists the valid names otherwise."""
+    if name not in _LOSS_TABLE:
+        raise ValueError(f"Unknown loss {name!r}; valid losses: {list(_LOSS_TABLE)}.")
+    return _LOSS_TABLE[name]
+
+
+def available_losses() -> dict[str, str]:
+    """The loss table: ``{name: description}``, built-in losses first."""
+    return {k: v.description for k, v in _LOSS_TABLE.items()}
+
+
+def target_space(loss: str, log_transform: bool) -> str:
+    """``"counts"`` for count losses (or without ``log_transform``), else ``"log1p"``: what predictions are."""
+    return "log1p" if (log_transform and not get_loss(loss).counts) else "counts"
+
+
+register_loss("mse", lambda out, y, m, **_: masked_mse(out["expr"], y, m), description="mean squared error")
+register_loss("pcc", lambda out, y, m, **_: pcc_loss(out["expr"], y, m),
+              description="1 - Pearson r per gene across the spots of each slide (spatial pattern)")
+
+
+@register_loss("mse_pcc", description="mse + pcc_weight * pcc (the design's composite loss)")
+def _mse_pcc(out, y, m, *, pcc_weight: float = 1.0, **_):
+    parts = {"mse": masked_mse(out["expr"], y, m), "pcc": pcc_loss(out["expr"], y, m)}
+    return {**parts, "total": parts["mse"] + pcc_weight * parts["pcc"]}
+
+
+register_loss("zinb", lambda out, y, m, **_: zinb_nll(y, out["mu"], out["theta"], out["pi"], m), head="zinb",
+              counts=True, description="zero-inflated negative binomial NLL of raw counts")
+register_loss("poisson", lambda out, y, m, **_: poisson_nll(out["rate"], y, m), head="rate", counts=True,
+              description="Poisson NLL of raw counts")
+
+
 __all__ = [
+    "HEADS",
     "LOSSES",
+    "LossSpec",
+    "available_losses",
     "compute_loss",
+    "get_loss",
     "masked_mean_over_spots",
     "masked_mse",
     "pathway_aux_loss",
@@ -357,5 +484,7 @@ __all__ = [
     "pcc_loss",
     "pearson_per_gene",
     "poisson_nll",
+    "register_loss",
+    "target_space",
     "zinb_nll",
 ]

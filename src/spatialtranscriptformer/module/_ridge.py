@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ._registry import register_model
+
 HEST_N_COMPONENTS = 256
 """PCA latent dimension of HEST-Benchmark (``--latent_dim``)."""
 HEST_SEED = 1
@@ -306,3 +308,17 @@ def _cv_folds(n: int, groups: np.ndarray | None, coords: np.ndarray | None) -> l
     ax = int(np.argmax(np.ptp(coords, axis=0)))
     band = np.minimum((np.argsort(np.argsort(coords[:, ax], kind="stable")) * k) // n, k - 1)
     return [(idx[band != b], idx[band == b]) for b in range(k)]
+
+
+@register_model("ridge", family="probe", losses=("mse",),
+                description="HEST-Benchmark probe (Jaume et al. 2024): StandardScaler -> PCA(256) -> Ridge")
+def build_ridge(input_dim: int, num_genes: int, *, level: str, loss: str, **hparams: Any) -> RidgeProbe:
+    """Build a :class:`RidgeProbe` with HEST's fixed penalty (hparams: ``n_components``, ``alpha``, ...)."""
+    return RidgeProbe(**hparams)
+
+
+@register_model("ridge_cv", family="probe", losses=("mse",), defaults={"model_kwargs": {"alpha": "cv"}},
+                description="the HEST probe with its penalty chosen by cross-validation inside the training slides")
+def build_ridge_cv(input_dim: int, num_genes: int, *, level: str, loss: str, **hparams: Any) -> RidgeProbe:
+    """Build a :class:`RidgeProbe` with ``alpha="cv"`` unless another ``alpha`` is given."""
+    return RidgeProbe(**{"alpha": "cv", **hparams})

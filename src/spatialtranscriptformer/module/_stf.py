@@ -28,10 +28,9 @@ from torch import nn
 
 from ._attention import QuadrantEncoderLayer, validate_interactions
 from ._encoding import DEFAULT_WAVELENGTHS_UM, POSITIONAL_ENCODINGS, build_positional_encoding
+from ._losses import get_loss
 from ._registry import register_model
 
-LOSSES = ("mse", "pcc", "mse_pcc", "zinb", "poisson")
-"""Loss names; decide the output heads."""
 LEVELS = ("spot", "slide")
 """Prediction levels: per spot ("dense") or one vector per slide ("global")."""
 DEFAULT_NUM_PATHWAYS = 50
@@ -147,8 +146,7 @@ class SpatialTranscriptFormer(nn.Module):
                 raise ValueError(f"{name} must be a positive integer, got {val}.")
         if int(n_heads) < 1 or token_dim % n_heads:
             raise ValueError(f"token_dim ({token_dim}) must be divisible by n_heads ({n_heads}).")
-        if loss not in LOSSES:
-            raise ValueError(f"Unknown loss {loss!r}; valid losses: {list(LOSSES)}.")
+        head = get_loss(loss).head  # the loss table decides the output head (unknown loss: ValueError)
         if level not in LEVELS:
             raise ValueError(f"Unknown level {level!r}; valid levels: {list(LEVELS)}.")
         if positional_encoding not in POSITIONAL_ENCODINGS:
@@ -194,12 +192,12 @@ class SpatialTranscriptFormer(nn.Module):
             means = _as_float_array(gene_means, "gene_means")
             if means.shape != (G,):
                 raise ValueError(f"gene_means must have shape ({G},), got {means.shape}.")
-            if loss in ("poisson", "zinb") and (means < 0).any():
+            if head != "expr" and (means < 0).any():
                 raise ValueError(f"gene_means must be >= 0 for loss {loss!r} (raw counts).")
 
         self.input_dim, self.num_genes, self.num_pathways = int(input_dim), G, P
         self.token_dim, self.n_heads, self.n_layers = int(token_dim), int(n_heads), int(n_layers)
-        self.loss, self.level = loss, level
+        self.loss, self.level, self.head = loss, level, head
         self.positional_encoding = positional_encoding
         self.gene_head = gene_head
 
@@ -226,7 +224,7 @@ class SpatialTranscriptFormer(nn.Module):
             w = membership / np.maximum(counts, 1.0)[None, :]
             with torch.no_grad():
                 self.reconstructor.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
-        if loss == "zinb":
+        if head == "zinb":
             self.pi_head = nn.Linear(P, G)
             with torch.no_grad():
                 self.pi_head.weight.mul_(0.1)
@@ -235,7 +233,7 @@ class SpatialTranscriptFormer(nn.Module):
         if means is not None:
             m = torch.as_tensor(means, dtype=torch.float32)
             with torch.no_grad():
-                self.reconstructor.bias.copy_(m if loss not in ("poisson", "zinb") else _inv_softplus(m))
+                self.reconstructor.bias.copy_(m if head == "expr" else _inv_softplus(m))
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -298,10 +296,10 @@ class SpatialTranscriptFormer(nn.Module):
             z = self.token_head(patches) + self.reconstructor.bias
         else:
             z = self.reconstructor(scores) + self.token_head(patches)
-        if self.loss == "poisson":
+        if self.head == "rate":
             rate = F.softplus(z)
             out.update(expr=rate, rate=rate)
-        elif self.loss == "zinb":
+        elif self.head == "zinb":
             mu = F.softplus(z)
             pi = torch.sigmoid(self.pi_head(scores))
             theta = (F.softplus(self.theta_raw) + _THETA_MIN).expand_as(mu)
@@ -313,10 +311,21 @@ class SpatialTranscriptFormer(nn.Module):
         return out
 
 
+DEFAULT_CONTEXT_RADIUS = 1.5
+"""Neighbourhood radius (grid pitches) of the STF's input context (:class:`~spatialtranscriptformer.tl._inputs.InputSpec`)."""
+DEFAULT_OUTPUT_SMOOTHING = 0.3
+"""Weight of the neighbours' mean prediction in the STF's spot predictions (``output_smoothing``)."""
+DEFAULT_PATHWAY_LOSS_WEIGHT = 0.1
+"""Weight of the auxiliary pathway loss when the tokens are named by gene sets."""
+
+
 @register_model(
     "stf",
     levels=("spot", "slide"),
     description="SpatialTranscriptFormer: pathway tokens + quadrant attention over spot embeddings",
+    pathway_tokens=True,
+    defaults={"context_radius": DEFAULT_CONTEXT_RADIUS, "output_smoothing": DEFAULT_OUTPUT_SMOOTHING,
+              "pathway_loss_weight": DEFAULT_PATHWAY_LOSS_WEIGHT},
 )
 def build(input_dim: int, num_genes: int, *, level: str, loss: str, **hparams) -> SpatialTranscriptFormer:
     """Build a :class:`SpatialTranscriptFormer` (registry entry ``"stf"``)."""

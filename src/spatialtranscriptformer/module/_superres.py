@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._registry import register_model
+
 
 def grid_adjacency(h: int, w: int) -> torch.Tensor:
     """Row-normalised adjacency ``(h*w, h*w)`` of the 8-neighbour grid graph (no self loops)."""
@@ -172,3 +174,26 @@ class SuperResDecoder(nn.Module):
         for blk in self.up_blocks:
             x = blk(F.interpolate(x, scale_factor=2, mode="nearest"))
         return self.head(x)
+
+
+@register_model(
+    "superres",
+    family="superres",
+    levels=("bin",),
+    losses=("poisson", "mse"),
+    description="2 µm super-resolution (Visium HD): a frozen encoder's patch tokens -> Hist2ST-style decoder, "
+    "multi-scale Poisson NLL balanced by GradNorm",
+    defaults={"model_kwargs": {"backbone": "virchow2", "weights": None, "patch_um": 256}},
+)
+def build_superres(
+    input_dim: int, num_genes: int, *, level: str, loss: str, grid: int, out_size: int, **hparams
+) -> SuperResDecoder:
+    """Build a :class:`SuperResDecoder` (hparams: ``arch``, ``hidden``, ``n_layers``, ``n_heads``, ``dropout``).
+
+    ``backbone`` (a registered name, a :class:`~spatialtranscriptformer.pp.Backbone` or a module), its
+    ``weights`` and ``patch_um`` (patch edge in µm, a multiple of 16) are model options too: they are used by
+    :func:`~spatialtranscriptformer.tl.fit_superres` to make the token grids the decoder reads.
+    """
+    decoder = SuperResDecoder(input_dim, num_genes, grid=grid, out_size=out_size, **hparams)
+    decoder.level = level
+    return decoder

@@ -1,5 +1,6 @@
 """Tools: fit models, predict expression and pathway scores, evaluate."""
 
+from ._base import BaseModel
 from ._benchmark import benchmark
 from ._cross_validate import cross_validate
 from ._evaluate import evaluate
@@ -13,6 +14,7 @@ from ._superres_evaluate import evaluate_superres
 from ._superres_predict import predict_superres
 
 __all__ = [
+    "BaseModel",
     "SuperResModel",
     "TrainedModel",
     "benchmark",

@@ -44,11 +44,13 @@ SUMMARY_COLUMNS = [
 
 
 def _model_level(name: str) -> str:
-    if name in ("ridge", "ridge_cv"):
-        return "spot"
     from ..module._registry import get_model_entry
 
-    return get_model_entry(name).levels[0]
+    entry = get_model_entry(name)
+    if entry.family == "superres":
+        raise ValueError(f"benchmark compares spot models on spot embeddings; score {name!r} with "
+                         "`stf.tl.cross_validate(data, model='superres')`.")
+    return entry.levels[0]
 
 
 @doc_params(data=doc_slides, table_key=doc_table_key, progress=doc_progress)
@@ -104,8 +106,8 @@ def benchmark(
     ----------
     {data}
     models
-        Model names: ``"ridge"`` (HEST probe), ``"ridge_cv"`` or names registered for
-        :func:`~spatialtranscriptformer.tl.fit`.
+        Names of registered spot models (:func:`~spatialtranscriptformer.module.available_models`), e.g.
+        ``"stf"``, ``"ridge"`` (HEST probe), ``"ridge_cv"``, ``"he2rna"``.
     embedding_key
         ``obsm`` key of the embeddings (the same for every slide); ``None``: the only shared ``X_*`` key.
     genes
@@ -241,10 +243,13 @@ def benchmark(
 def _run_model_fold(name, train, test, group, *, genes, embedding_key, layer, log_transform, min_counts, slide_key,
                     patient_key, progress, model_kwargs, fit_kwargs, controls):  # fmt: skip
     """Fit / predict / score one model on one fold: spot-level rows, pathway rows and slide-mean records."""
+    from ..module._registry import get_model_entry
     from ._folds import run_fold
 
     kw = dict(fit_kwargs)
     kw["embedding_key"] = embedding_key
+    if get_model_entry(name).family == "probe":  # a least-squares fit: the loss is not an option
+        kw.pop("loss", None)
     if model_kwargs:
         kw["model_kwargs"] = dict(model_kwargs)
     res = run_fold(train, test, model=name, genes=genes, fit_kwargs=kw, controls=controls, layer=layer,

@@ -85,7 +85,9 @@ def cross_validate(
     pathway tokens, the pathway table of :func:`~spatialtranscriptformer.tl.evaluate` (``"pathways"``,
     with a ``fold`` column): genes and pathways are never mixed in one column.
     """
-    if model == "superres":  # 2 µm super-resolution: the same folds over the slides' patients
+    from ..module._registry import get_model_entry
+
+    if get_model_entry(model).family == "superres":  # 2 µm super-resolution: the same folds over the patients
         from ._superres_cv import cross_validate_superres
 
         if (slide_key, patient_key, layer, log_transform) != (K.SLIDE_KEY, K.PATIENT_KEY, K.COUNTS_LAYER, True):

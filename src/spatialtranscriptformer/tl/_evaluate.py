@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-    from ._superres import SuperResModel
+    from ._base import BaseModel
 
 GENE_COLUMNS = ["gene", "slide", "level", "pearson", "spearman", "mse", "n_spots", "collapsed", "moran_true",
                 "moran_pred"]
@@ -116,7 +117,7 @@ def summarize_genes(res: pd.DataFrame) -> dict:
 def evaluate(
     data: AnnData | SpatialData | Sequence[AnnData | SpatialData],
     *,
-    model: SuperResModel | None = None,
+    model: BaseModel | str | os.PathLike | None = None,
     features: Literal["genes", "pathways"] = "genes",
     pred_key: str = K.PRED_KEY,
     true_layer: str | None = K.COUNTS_LAYER,
@@ -146,10 +147,11 @@ def evaluate(
     ----------
     {data}
     model
-        Only for a :class:`~spatialtranscriptformer.tl.SuperResModel`: evaluate it on the slides' 2 µm
-        bins per gene and scale (masked PCC and SSIM, non-zero fraction; see
-        :func:`~spatialtranscriptformer.tl.evaluate_superres`). Spot models are evaluated from the
-        predictions already written by :func:`~spatialtranscriptformer.tl.predict`.
+        A trained model (or the folder it was saved to) to predict the slides with first, on copies (the
+        slides are not modified; ``pred_key`` / ``pathway_key`` are then the defaults). A
+        :class:`~spatialtranscriptformer.tl.SuperResModel` is scored on the slides' 2 µm bins per gene and
+        scale (masked PCC and SSIM, non-zero fraction; see :func:`~spatialtranscriptformer.tl.evaluate_superres`).
+        ``None``: score the predictions already written by :func:`~spatialtranscriptformer.tl.predict`.
     features
         ``"genes"``: predicted expression vs measured counts; ``"pathways"``: predicted pathway scores
         (``pathway_key``) vs pathway activity computed from *all* measured genes
@@ -194,14 +196,15 @@ def evaluate(
 
     if features not in ("genes", "pathways"):
         raise ValueError(f"features must be 'genes' or 'pathways', got {features!r}.")
-    if model is not None:  # 2 µm super-resolution: per gene and scale, masked PCC / SSIM
-        from ._superres import SuperResModel
-        from ._superres_evaluate import evaluate_superres
+    if model is not None:  # the model predicts copies of the slides and scores them (its evaluate hook)
+        from ._base import as_model
 
-        if not isinstance(model, SuperResModel):
-            raise TypeError("`model=` is only used for super-resolution models; spot models are evaluated "
-                            "from the predictions written by `stf.tl.predict` (`pred_key`).")
-        return evaluate_superres(data, model, table_key=table_key)
+        model = as_model(model)
+        if model.kind == "superres":  # 2 µm super-resolution: per gene and scale, masked PCC / SSIM
+            return model.evaluate(data, table_key=table_key)
+        return model.evaluate(data, features=features, true_layer=true_layer, log_transform=log_transform,
+                              spatial=spatial, slide_key=slide_key, min_counts=min_counts, spots=spots,
+                              table_key=table_key)
     slides = as_slide_list(data)
     tables = [get_table(d, table_key) for d in slides]
     masks = [_spot_mask(t, spots, i) for i, t in enumerate(tables)]

@@ -86,8 +86,15 @@ def run_fold(
     from ._fit import fit
     from ._predict import predict
 
-    m = fit(train, model=model, genes=genes, layer=layer, log_transform=log_transform, min_counts=min_counts,
-            slide_key=slide_key, patient_key=patient_key, progress=progress, **fit_kwargs)
+    kw = dict(fit_kwargs)
+    data_kwargs = dict(kw.pop("data_kwargs", None) or {})
+    shared = {"layer": layer, "log_transform": log_transform, "min_counts": min_counts, "slide_key": slide_key,
+              "patient_key": patient_key}
+    clash = sorted(set(data_kwargs) & set(shared))
+    if clash:
+        raise ValueError(f"{clash} are arguments of cross_validate / benchmark themselves (they score with them "
+                         "too); pass them there, not in data_kwargs.")
+    m = fit(train, model=model, genes=genes, data_kwargs={**data_kwargs, **shared}, progress=progress, **kw)
     gene_rows, pw = [], None
     slide_means = []
     for control in controls:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,14 +9,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .._logging import logger
+from ._base import CONFIG_FILE, BaseModel
 from ._inputs import InputSpec, zscore_features  # noqa: F401  (zscore_features: re-exported)
 
-RIDGE_MODELS = ("ridge", "ridge_cv")
-"""The linear probes (scikit-learn, no torch): HEST's fixed penalty and the cross-validated one."""
-FORMAT = "spatialtranscriptformer.model"
-FORMAT_VERSION = 1
-_CONFIG, _WEIGHTS, _ARRAYS, _RIDGE, _HISTORY = "config.json", "weights.pt", "arrays.npz", "ridge.npz", "history.csv"
+_WEIGHTS, _ARRAYS, _RIDGE = "weights.pt", "arrays.npz", "ridge.npz"
 
 
 def spatial_windows(coords: np.ndarray, window_spots: int | None) -> list[tuple[np.ndarray, int]]:
@@ -58,13 +52,15 @@ def spatial_windows(coords: np.ndarray, window_spots: int | None) -> list[tuple[
     return out
 
 
-class TrainedModel:
-    """A trained expression model with its genes, pathways, embedding key and training history.
+class TrainedModel(BaseModel):
+    """A trained spot model with its genes, pathways, embedding key and training history.
 
-    Returned by :func:`~spatialtranscriptformer.tl.fit`; applied with
-    :func:`~spatialtranscriptformer.tl.predict`; stored with :meth:`save` / :meth:`load` (weights as a
-    ``torch`` state dict read back with ``weights_only=True``, arrays as ``.npz`` read without pickle,
-    everything else as JSON: no code is ever unpickled).
+    Returned by :func:`~spatialtranscriptformer.tl.fit` for every spot model (the STF, the baselines, the
+    ridge probes); applied with :func:`~spatialtranscriptformer.tl.predict` (or :meth:`predict`), scored on
+    held-out slides with :meth:`evaluate`; stored with :meth:`save` / :meth:`load` in the folder format of
+    :class:`~spatialtranscriptformer.tl.BaseModel` (weights as a ``torch`` state dict read back with
+    ``weights_only=True``, arrays as ``.npz`` read without pickle, everything else as JSON: no code is ever
+    unpickled).
 
     Attributes
     ----------
@@ -94,6 +90,8 @@ class TrainedModel:
         Epoch whose weights were restored (``None`` without validation: last weights).
     """
 
+    kind = "spot"
+
     def __init__(
         self,
         module: Any,
@@ -112,37 +110,51 @@ class TrainedModel:
         history: pd.DataFrame | None = None,
         best_epoch: int | None = None,
         is_global_zero: bool = True,
+        target_space: str | None = None,
     ) -> None:
+        if history is None:
+            history = pd.DataFrame(columns=["epoch", "train_loss", "val_loss", "val_pcc", "lr"])
+        super().__init__(model_name=model_name, genes=genes, loss=loss, fit_params=fit_params, history=history,
+                         best_epoch=best_epoch)
         self.module = module
-        self.model_name = str(model_name)
-        self.genes = [str(g) for g in genes]
         self.pathways = None if pathways is None else [str(p) for p in pathways]
         self.embedding_key = str(embedding_key)
         self.input_dim = int(input_dim)
-        self.level, self.loss, self.log_transform = str(level), str(loss), bool(log_transform)
+        self.level, self.log_transform = str(level), bool(log_transform)
         self.model_kwargs = dict(model_kwargs or {})
         self.model_arrays = {k: np.asarray(v) for k, v in (model_arrays or {}).items()}
-        self.fit_params = dict(fit_params or {})
-        self.history = history if history is not None else pd.DataFrame(columns=["epoch", "train_loss", "val_loss", "val_pcc", "lr"])
-        self.best_epoch = best_epoch
         self.is_global_zero = is_global_zero
+        if target_space is None:
+            from ..module._losses import target_space as loss_space
+
+            target_space = loss_space(self.loss, self.log_transform)
+        self._target_space = str(target_space)
+        self._family: str | None = None
 
     # --- description ----------------------------------------------------------------------------------
     @property
-    def target_space(self) -> str:
-        """``"log1p"`` when predictions are log1p counts, ``"counts"`` otherwise."""
-        return "log1p" if (self.log_transform and self.loss in ("mse", "pcc", "mse_pcc")) else "counts"
+    def is_probe(self) -> bool:
+        """Whether the model is a closed-form probe (registry family ``"probe"``, e.g. the ridge probes)."""
+        if self._family is None:
+            from ..module._registry import get_model_entry
+
+            try:
+                self._family = get_model_entry(self.model_name).family
+            except ValueError:  # not registered in this session: a torch module is a spot model
+                self._family = "spot" if hasattr(self.module, "state_dict") else "probe"
+        return self._family == "probe"
 
     @property
-    def config(self) -> dict:
-        """JSON description of the model (what :meth:`save` writes to ``config.json``)."""
+    def target_space(self) -> str:
+        """``"log1p"`` when predictions are log1p counts (a loss on log1p counts), ``"counts"`` otherwise."""
+        return self._target_space
+
+    def _config(self) -> dict:
         return {
-            "format": FORMAT, "version": FORMAT_VERSION, "model": self.model_name, "genes": self.genes,
             "pathways": self.pathways, "embedding_key": self.embedding_key, "input_dim": self.input_dim,
-            "level": self.level, "loss": self.loss, "log_transform": self.log_transform,
-            "target_space": self.target_space, "model_kwargs": self.model_kwargs,
-            "model_arrays": sorted(self.model_arrays), "fit": self.fit_params, "best_epoch": self.best_epoch,
-        }
+            "level": self.level, "log_transform": self.log_transform, "model_kwargs": self.model_kwargs,
+            "model_arrays": sorted(self.model_arrays),
+        }  # fmt: skip
 
     def __repr__(self) -> str:
         pw = f", {len(self.pathways)} pathways" if self.pathways else ""
@@ -155,7 +167,7 @@ class TrainedModel:
     @property
     def input_spec(self) -> InputSpec:
         """How the model input is built from a slide's embeddings (standardisation, neighbourhood context)."""
-        std = None if self.model_name in RIDGE_MODELS else self.fit_params.get("standardize")
+        std = None if self.is_probe else self.fit_params.get("standardize")
         return InputSpec(standardize=std, context_radius=self.fit_params.get("context_radius"))
 
     @property
@@ -186,7 +198,7 @@ class TrainedModel:
         if not (np.isfinite(x).all() and np.isfinite(coords).all()):
             raise ValueError("Embeddings or coordinates contain NaN/inf.")
         x = self.prepare_inputs(x, coords)
-        if self.model_name in RIDGE_MODELS:
+        if self.is_probe:
             return self._smooth({"expr": np.asarray(self.module.predict(x), dtype=np.float32), "pathway_scores": None},
                                 coords)
         import torch
@@ -238,50 +250,28 @@ class TrainedModel:
                 for k, v in out.items()}
 
     # --- persistence ----------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Write the model to folder ``path`` (``config.json``, weights, arrays, ``history.csv``).
+    def _write_state(self, folder: Path) -> None:
+        if self.is_probe:
+            np.savez(folder / _RIDGE, **self.module.to_arrays())
+        else:
+            import torch
 
-        The folder is written whole into a temporary sibling and moved into place only when complete
-        (:mod:`~spatialtranscriptformer._atomic`): an interrupted save leaves the previous model as it
-        was, never one model's configuration beside another's weights. ``overwrite`` replaces only an
-        empty folder or a saved model; a concurrent save to the same folder is refused.
-        """
-        from .._atomic import atomic_output, saved_model_check
-
-        text = json.dumps(self.config, indent=1)  # fails here, before anything is written
-        with atomic_output(path, kind="dir", overwrite=overwrite, replaceable=saved_model_check) as tmp:
-            if self.model_name in RIDGE_MODELS:
-                np.savez(tmp / _RIDGE, **self.module.to_arrays())
-            else:
-                import torch
-
-                torch.save({k: v.detach().cpu() for k, v in self.module.state_dict().items()}, tmp / _WEIGHTS)
-            if self.model_arrays:
-                np.savez(tmp / _ARRAYS, **self.model_arrays)
-            self.history.to_csv(tmp / _HISTORY, index=False)
-            (tmp / _CONFIG).write_text(text)
-        logger.info("Saved %r to %s.", self, path)
+            torch.save({k: v.detach().cpu() for k, v in self.module.state_dict().items()}, folder / _WEIGHTS)
+        if self.model_arrays:
+            np.savez(folder / _ARRAYS, **self.model_arrays)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> TrainedModel:
-        """Read a model written by :meth:`save`; the weights must match the configuration exactly."""
-        from .._validate import check_config_types, read_json, reading
+    def _read(cls, path: Path, cfg: dict) -> TrainedModel:
+        from .._validate import check_config_types, reading
 
-        path = Path(path)
-        cfg_path = path / _CONFIG
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"No saved model in {path} ({_CONFIG} not found).")
-        cfg = read_json(cfg_path, "model configuration")
-        if cfg.get("format") != FORMAT:
-            raise ValueError(f"{cfg_path} is not a spatialtranscriptformer model (format={cfg.get('format')!r}).")
-        if not isinstance(cfg.get("version"), int) or cfg["version"] > FORMAT_VERSION:
-            raise ValueError(f"{cfg_path} has format version {cfg.get('version')!r}; this version reads <= {FORMAT_VERSION}.")
+        cfg_path = path / CONFIG_FILE
         missing = [k for k in ("model", "genes", "embedding_key", "input_dim", "level", "loss", "log_transform") if k not in cfg]
         if missing:
             raise ValueError(f"{cfg_path} lacks {missing}.")
         check_config_types(cfg, {"model": str, "genes": list, "pathways": list, "embedding_key": str, "input_dim": int,
                                  "level": str, "loss": str, "log_transform": bool, "model_kwargs": dict,
-                                 "model_arrays": list, "fit": dict, "best_epoch": int}, path=cfg_path)
+                                 "model_arrays": list, "fit": dict, "best_epoch": int, "target_space": str},
+                           path=cfg_path)
         genes = cfg["genes"]
         if not genes or len(set(map(str, genes))) != len(genes):
             raise ValueError(f"{cfg_path}: the gene list is empty or has duplicates.")
@@ -292,18 +282,18 @@ class TrainedModel:
             lost = sorted(set(cfg["model_arrays"]) - set(arrays))
             if lost:
                 raise ValueError(f"{path / _ARRAYS} lacks arrays {lost}.")
-        if cfg["model"] in RIDGE_MODELS:
-            from ..module._ridge import RidgeProbe
+        from ..module._registry import build_model, get_model_entry
 
+        if get_model_entry(cfg["model"]).family == "probe":  # a closed-form probe: its fitted arrays
+            kind = type(build_model(cfg["model"], _net_width(cfg), len(genes), level=cfg["level"], loss=cfg["loss"],
+                                    **cfg.get("model_kwargs", {})))
             with reading(path / _RIDGE, "ridge arrays"), np.load(path / _RIDGE, allow_pickle=False) as z:
-                module = RidgeProbe.from_arrays({k: z[k] for k in z.files})
+                module = kind.from_arrays({k: z[k] for k in z.files})
             width = _net_width(cfg)
             if module.n_targets != len(genes) or module.n_features_in != width:
                 raise ValueError(f"{path}: the ridge arrays do not match {len(genes)} genes / input width {width}.")
         else:
             import torch
-
-            from ..module._registry import build_model
 
             try:
                 module = build_model(
@@ -322,17 +312,41 @@ class TrainedModel:
             except (RuntimeError, TypeError, AttributeError) as err:
                 raise ValueError(f"{wpath} does not match the model configured in {cfg_path}: {err}") from None
             module.eval()
-        hist_path = path / _HISTORY
-        history = None
-        if hist_path.is_file():
-            with reading(hist_path, "training history"):
-                history = pd.read_csv(hist_path)
         return cls(
             module, model_name=cfg["model"], genes=genes, embedding_key=cfg["embedding_key"], input_dim=cfg["input_dim"],
             level=cfg["level"], loss=cfg["loss"], log_transform=cfg["log_transform"], pathways=cfg.get("pathways"),
-            model_kwargs=cfg.get("model_kwargs"), model_arrays=arrays, fit_params=cfg.get("fit"), history=history,
-            best_epoch=cfg.get("best_epoch"),
+            model_kwargs=cfg.get("model_kwargs"), model_arrays=arrays, fit_params=cfg.get("fit"),
+            history=cls.read_history(path), best_epoch=cfg.get("best_epoch"), target_space=cfg.get("target_space"),
         )
+
+    # --- evaluation -----------------------------------------------------------------------------------
+    def evaluate(self, data, *, features: str = "genes", table_key: str | None = None, progress: bool | None = None,
+                 **kwargs: Any) -> pd.DataFrame:
+        """Predict ``data`` (copies; the slides are not modified) and score the predictions against its counts.
+
+        Parameters
+        ----------
+        data
+            Held-out slide(s) with measured counts.
+        features
+            ``"genes"`` or ``"pathways"`` (see :func:`~spatialtranscriptformer.tl.evaluate`).
+        table_key
+            Table of each slide.
+        progress
+            Progress bar of the prediction.
+        **kwargs
+            More arguments of :func:`~spatialtranscriptformer.tl.evaluate` (e.g. ``true_layer``, ``min_counts``).
+
+        Returns
+        -------
+        The table of :func:`~spatialtranscriptformer.tl.evaluate`.
+        """
+        from ._evaluate import evaluate
+        from ._predict import predict
+
+        extra = {"slide_key": kwargs["slide_key"]} if "slide_key" in kwargs else {}
+        copies = predict(data, self, table_key=table_key, progress=progress, copy=True, **extra)
+        return evaluate(copies, features=features, table_key=table_key, **kwargs)
 
 
 def _net_width(cfg: dict) -> int:

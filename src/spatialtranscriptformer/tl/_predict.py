@@ -14,41 +14,15 @@ from .._data import as_slide_list, copy_data, get_table, is_spatialdata
 from .._docs import doc_copy, doc_params, doc_progress, doc_slides, doc_table_key
 from .._logging import logger
 from .._validate import check_finite_output, check_table
+from ._base import BaseModel, as_model
 from ._model import TrainedModel
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-    from ._superres import SuperResModel
 
 DEFAULT_WINDOW_SPOTS = 8192
-
-
-def _saved_superres(path) -> bool:
-    """Whether the folder ``path`` holds a saved :class:`SuperResModel` (by its config's format)."""
-    import json
-    from pathlib import Path
-
-    from ._superres_io import FORMAT
-
-    cfg = Path(path) / "config.json"
-    try:
-        return json.loads(cfg.read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _as_model(model) -> TrainedModel | SuperResModel:
-    if isinstance(model, TrainedModel):
-        return model
-    if isinstance(model, str | os.PathLike):
-        if _saved_superres(model):
-            from ._superres import SuperResModel
-
-            return SuperResModel.load(model)
-        return TrainedModel.load(model)
-    raise TypeError(f"model must be a TrainedModel (from stf.tl.fit) or the folder of a saved one, got {type(model).__name__}.")
 
 
 def _check_table(t: AnnData, model: TrainedModel, i: int) -> None:
@@ -74,7 +48,7 @@ def _check_table(t: AnnData, model: TrainedModel, i: int) -> None:
 @doc_params(data=doc_slides, table_key=doc_table_key, progress=doc_progress, copy=doc_copy)
 def predict(
     data: AnnData | SpatialData | Sequence[AnnData | SpatialData],
-    model: TrainedModel | SuperResModel | str | os.PathLike,
+    model: BaseModel | str | os.PathLike,
     *,
     key_added: str = K.PRED_KEY,
     pathway_key_added: str = K.PRED_PATHWAY_KEY,
@@ -113,10 +87,10 @@ def predict(
     ----------
     {data}
     model
-        A :class:`~spatialtranscriptformer.tl.TrainedModel` or the folder it was saved to; a
+        A trained model (:func:`~spatialtranscriptformer.tl.fit`) or the folder it was saved to. A
         :class:`~spatialtranscriptformer.tl.SuperResModel` writes 2 µm expected counts as a multiscale
         image element instead (see :func:`~spatialtranscriptformer.tl.predict_superres`; element name
-        ``"stf_superres"`` unless ``key_added`` is given).
+        ``"stf_superres"`` unless ``key_added`` is given; with ``copy=True`` into copies of the slides).
     key_added
         Table / ``obsm`` / ``uns`` key of the predicted expression.
     pathway_key_added
@@ -146,23 +120,23 @@ def predict(
 
     from .._settings import settings
     from ..train._data import collect_slides, slide_features
-    from ._superres import SuperResModel
 
-    if isinstance(model, str | os.PathLike) and _saved_superres(model):
-        model = SuperResModel.load(model)
     if copy and not inplace:
         raise ValueError("`copy=True` returns a modified copy and `inplace=False` writes nothing: choose one.")
-    if isinstance(model, SuperResModel):  # 2 µm super-resolution: a multiscale image element per slide
+    model = as_model(model)  # a folder is read by its saved kind
+    if model.kind == "superres":  # 2 µm super-resolution: a multiscale image element per slide
         from ._superres_predict import predict_superres_slides
 
         if not inplace:
             raise ValueError("`inplace=False` is not available for super-resolution models (their output is an "
-                             "image element written into each SpatialData).")
-
-        predict_superres_slides(as_slide_list(data), model, table_key=table_key, progress=progress,
+                             "image element written into each SpatialData); use `copy=True`.")
+        single = not isinstance(data, Sequence)
+        slides = [copy_data(s) for s in as_slide_list(data)] if copy else as_slide_list(data)
+        predict_superres_slides(slides, model, table_key=table_key, progress=progress,
                                 key_added=K.SUPERRES_KEY if key_added == K.PRED_KEY else key_added)
+        if copy:
+            return slides[0] if single else slides
         return None
-    model = _as_model(model)
     single = not isinstance(data, Sequence)
     slides = as_slide_list(data)
     if copy:

@@ -8,21 +8,48 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import pandas as pd
 
 from .._data import as_slide_list, get_table, slide_mpp
+from .._docs import doc_params, doc_progress, doc_table_key, doc_train, doc_trainer_kwargs
 from .._logging import logger
 from .._settings import settings
+from ._base import BaseModel
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
 
-class SuperResModel:
+class SuperResModel(BaseModel):
     """A trained super-resolution decoder with its frozen backbone, genes and patch geometry.
 
-    Made by :func:`fit_superres`; used by :func:`predict_superres` and :func:`evaluate_superres`.
+    Made by :func:`fit_superres` (or ``stf.tl.fit(model="superres")``); applied with
+    :func:`~spatialtranscriptformer.tl.predict` / :func:`predict_superres` and scored with :meth:`evaluate`
+    (:func:`evaluate_superres`); saved in the folder format of :class:`~spatialtranscriptformer.tl.BaseModel`.
+
+    Attributes
+    ----------
+    plan
+        The training plan holding the decoder, the loss and the scales (``plan.decoder``: the
+        :class:`~spatialtranscriptformer.module._superres.SuperResDecoder`).
+    backbone
+        The frozen :class:`~spatialtranscriptformer.pp.Backbone` whose patch tokens the decoder reads.
+    genes
+        Predicted genes.
+    patch_um
+        Patch edge in µm.
+    params
+        Parameters of the fit (``fit_params``): backbone, genes, patch size, loss, scales, GradNorm, the
+        training and validation patients and patch counts, ...
+    history
+        Per-epoch ``train_loss``, ``val_loss``, ``lr``, each scale's loss and, with GradNorm, its weights
+        ``w_<s>um`` and relative inverse training rates ``r_<s>um``.
+    best_epoch
+        Epoch whose weights were restored (``None`` without validation).
     """
+
+    kind = "superres"
 
     def __init__(
         self,
@@ -31,12 +58,13 @@ class SuperResModel:
         *,
         genes: list[str],
         patch_um: int,
-        params: dict,
+        params: dict | None = None,
         history=None,
         best_epoch: int | None = None,
     ) -> None:
-        self.plan, self.backbone, self.genes, self.patch_um = plan, backbone, list(genes), int(patch_um)
-        self.params, self.history, self.best_epoch = dict(params), history, best_epoch
+        super().__init__(model_name="superres", genes=genes, loss=plan.loss_name, fit_params=params, history=history,
+                         best_epoch=best_epoch)
+        self.plan, self.backbone, self.patch_um = plan, backbone, int(patch_um)
 
     @property
     def decoder(self):
@@ -44,9 +72,19 @@ class SuperResModel:
         return self.plan.decoder
 
     @property
+    def module(self):
+        """The decoder (as ``module`` of every trained model)."""
+        return self.plan.decoder
+
+    @property
     def out_size(self) -> int:
         """Bins per patch edge at 2 µm."""
         return self.patch_um // 2
+
+    @property
+    def target_space(self) -> str:
+        """Predictions are expected counts per 2 µm bin."""
+        return "counts"
 
     def __repr__(self) -> str:
         return (
@@ -54,34 +92,33 @@ class SuperResModel:
             f"genes={len(self.genes)}, patch_um={self.patch_um})"
         )
 
-    def save(self, path: str | Path, *, overwrite: bool = False) -> None:
-        """Write the model to folder ``path``; no code is pickled.
+    def _config(self) -> dict:
+        from ._superres_io import superres_config
 
-        ``config.json`` (genes, patch geometry, loss, scales, decoder and plan hyperparameters, the
-        backbone's registry name and weights path, or its plain-data spec), ``weights.pt`` (decoder state
-        dict), ``arrays.npz`` (z-score statistics of ``loss="mse"``), ``history.csv`` and, unless the
-        backbone is a registered one with weights from a file or the Hugging Face cache, ``backbone.pt``
-        (its state dict). Optimiser and GradNorm states are not saved: the model is saved for inference.
-        The folder is written whole into a temporary sibling and moved into place when complete, so an
-        interrupted save leaves the previous model as it was; a concurrent save to the same folder is
-        refused (``OutputLockedError``).
+        return superres_config(self)
 
-        Parameters
-        ----------
-        path
-            Folder to write (created; must be empty unless ``overwrite``).
-        overwrite
-            Replace a model already saved in ``path`` (never a folder holding anything else).
-        """
-        from ._superres_io import save_superres
+    def _write_state(self, folder: Path) -> None:
+        from ._superres_io import write_superres_state
 
-        save_superres(self, path, overwrite=overwrite)
+        write_superres_state(self, folder)
+
+    @classmethod
+    def _read(cls, path: Path, cfg: dict, **kwargs) -> SuperResModel:
+        from ._superres_io import read_superres
+
+        return read_superres(path, cfg, **kwargs)
 
     @classmethod
     def load(
         cls, path: str | Path, *, backbone: Any = None, backbone_weights: str | Path | None = None
     ) -> SuperResModel:
         """Read a model written by :meth:`save` (state dicts read with ``weights_only=True``, loaded strictly).
+
+        The folder holds ``config.json`` (genes, patch geometry, loss, scales, decoder and plan
+        hyperparameters, the backbone's registry name and weights path, or its plain-data spec),
+        ``weights.pt`` (decoder state dict), ``arrays.npz`` (z-score statistics of ``loss="mse"``),
+        ``history.csv`` and, unless the backbone is a registered one with weights from a file or the Hugging
+        Face cache, ``backbone.pt`` (its state dict). Optimiser and GradNorm states are not saved.
 
         Parameters
         ----------
@@ -100,9 +137,13 @@ class SuperResModel:
         -------
         The :class:`SuperResModel`, in eval mode.
         """
-        from ._superres_io import load_superres
+        return super().load(path, backbone=backbone, backbone_weights=backbone_weights)
 
-        return load_superres(path, backbone=backbone, backbone_weights=backbone_weights)
+    def evaluate(self, data, **kwargs) -> pd.DataFrame:
+        """:func:`evaluate_superres(data, self, **kwargs) <spatialtranscriptformer.tl.evaluate_superres>`."""
+        from ._superres_evaluate import evaluate_superres
+
+        return evaluate_superres(data, self, **kwargs)
 
     def tokens(
         self,
@@ -180,117 +221,116 @@ def slide_tokens(
     )
 
 
-def _split(patient_ids: np.ndarray, val_patient: str | bool | None, seed: int):
-    """Training and validation patch indices: one patient held out, or (one patient) 20% of the patches."""
+def _split(patient_ids: np.ndarray, validation, seed: int):
+    """Training and validation patch indices: patients held out, or (one patient) 20% of the patches."""
     pids = np.unique(patient_ids)
-    if val_patient is False:
+    if validation is None:
         return np.arange(len(patient_ids)), np.array([], dtype=int)
-    if val_patient is None:
+    if validation == "patient":
         if len(pids) >= 2:
-            val_patient = str(pids[-1])
+            validation = [str(pids[-1])]
         else:
             warnings.warn(
                 "Only one patient: validating on a random 20% of the patches (not a held-out patient).",
-                stacklevel=3,
+                stacklevel=4,
             )
             rng = np.random.default_rng(seed)
             perm = rng.permutation(len(patient_ids))
             n_val = max(1, len(patient_ids) // 5)
             return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-    if str(val_patient) not in set(pids.astype(str)):
-        raise ValueError(f"val_patient {val_patient!r} not found; patients: {pids.tolist()}.")
-    val = patient_ids == str(val_patient)
+    if isinstance(validation, str):
+        raise ValueError(
+            f"validation must be 'patient', None or a list of patient ids for model='superres', got {validation!r}."
+        )
+    validation = [str(v) for v in validation]
+    missing = sorted(set(validation) - set(pids.astype(str)))
+    if missing:
+        raise ValueError(f"Validation patient(s) {missing} not found; patients: {pids.tolist()}.")
+    val = np.isin(patient_ids.astype(str), validation)
     if val.all():
-        raise ValueError(f"All patches belong to val_patient {val_patient!r}; nothing left to train on.")
+        raise ValueError(f"All patches belong to the validation patients {validation}; nothing left to train on.")
     return np.flatnonzero(~val), np.flatnonzero(val)
 
 
+def _legacy_validation(val_patient):
+    """``val_patient`` of earlier versions as ``validation``: None -> "patient", False -> None, an id -> [id]."""
+    if val_patient is None:
+        return "patient"
+    if val_patient is False:
+        return None
+    return [str(val_patient)]
+
+
+@doc_params(table_key=doc_table_key, progress=doc_progress, train=doc_train, trainer_kwargs=doc_trainer_kwargs)
 def fit_superres(
     data: SpatialData | AnnData | Sequence[SpatialData],
     *,
-    backbone: str | Any = "virchow2",
-    weights: str | Path | None = None,
     genes: int | Sequence[str] = 50,
-    patch_um: int = 256,
     loss: Literal["poisson", "mse"] = "poisson",
-    scales: Sequence[int] = (2, 4, 8, 16),
-    gradnorm: bool = True,
-    arch: Literal["hist2st", "unet"] = "hist2st",
-    hidden: int = 128,
-    n_layers: int = 2,
-    val_patient: str | bool | None = None,
+    validation: Literal["patient"] | Sequence[str] | None = "patient",
     max_epochs: int = 30,
-    batch_size: int = 8,
-    accumulate_grad_batches: int = 4,
     lr: float = 5e-5,
-    warmup_epochs: int = 2,
-    patience: int | None = 10,
-    min_tissue: float = 0.05,
-    cache_dir: str | Path | None = None,
-    table_key: str | None = None,
-    image_key: str | None = None,
-    accelerator: str = "auto",
-    devices: int | str = 1,
+    batch_size: int = 8,
+    early_stopping_patience: int | None = 10,
     seed: int = 0,
+    model_kwargs: dict | None = None,
+    plan_kwargs: dict | None = None,
+    data_kwargs: dict | None = None,
+    accelerator: str = "auto",
+    devices: int | str | Sequence[int] = "auto",
+    checkpoint_dir: str | Path | None = None,
     progress: bool | None = None,
-    trainer_kwargs: dict | None = None,
+    table_key: str | None = None,
+    **trainer_kwargs: Any,
 ) -> SuperResModel:
     """Train a 2 µm super-resolution decoder on Visium HD slides (2 µm bins).
 
     The Virchow2 super-resolution design (vanbelkummax/virchow2-st-2uM): a frozen pathology encoder's
     patch-token grid for each 256 µm patch, a Hist2ST-style decoder (Zeng et al. 2022) producing log λ
-    at 128 x 128 x G, a Poisson negative log-likelihood on raw counts at 2/4/8/16 µm (coarser rates
+    at 128 x 128 x G, the exact Poisson negative log-likelihood of raw counts at 2/4/8/16 µm (coarser rates
     sum-pooled from the 2 µm rates) masked to tissue, GradNorm balancing (Chen et al. 2018, α = 1.5,
-    lr 0.025), AdamW (lr 5e-5, 2-epoch warm-up), gradient accumulation, early stopping on the loss of a
-    held-out patient. ``loss="mse"`` fits z-scored log1p counts instead (the design's baseline).
+    lr 0.025), AdamW (lr 5e-5, 2-epoch warm-up), gradient accumulation (4 batches of 8), early stopping on
+    the loss of a held-out patient, restoration of the best epoch's weights. ``loss="mse"`` fits z-scored
+    log1p counts instead (the design's baseline). The same as ``stf.tl.fit(data, model="superres", ...)``,
+    with the same argument names; the run is the shared Lightning runner's.
 
     Parameters
     ----------
     data
         One slide or a list of slides with 2 µm bins (``uns['stf_slide']['bin_size_um'] == 2``) and an H&E.
-    backbone
-        Registered backbone name (see :func:`~spatialtranscriptformer.pp.list_backbones`), a
-        :class:`~spatialtranscriptformer.pp.Backbone` or a ``torch.nn.Module``.
-    weights
-        Backbone weights (path, ``None`` = Hugging Face cache, ``"random"`` for tests only).
     genes
         Number of top-variance genes (50), chosen on the training patches only (never on the validation
         patient), or a list of genes. Held-out test slides must not be passed here at all: evaluate them
         with :func:`~spatialtranscriptformer.tl.evaluate_superres` (or use
         :func:`~spatialtranscriptformer.tl.cross_validate_superres`).
-    patch_um
-        Patch edge in µm (multiple of 16); the 2 µm raster is ``patch_um / 2`` bins wide.
     loss
         ``"poisson"`` (raw counts) or ``"mse"`` (z-scored log1p counts).
-    scales
-        Supervision scales in µm (multiples of 2).
-    gradnorm
-        Balance the scale losses with GradNorm (else their mean).
-    arch
-        ``"hist2st"`` or ``"unet"`` decoder.
-    hidden, n_layers
-        Decoder width and transformer depth.
-    val_patient
-        Patient held out for validation: early stopping and the choice of the best epoch's weights.
-        ``None``: the last patient (a random 20% of the patches, with a warning, when there is one
-        patient); ``False``: no validation (the last epoch's weights). The validation patient selects the
-        model, so its scores are not held-out scores: test on patients not passed to this function.
-    max_epochs, batch_size, accumulate_grad_batches, lr, warmup_epochs, patience
-        Optimisation (the design: 30 epochs, 8 x 4 accumulation, 5e-5, 2 warm-up epochs).
-    min_tissue
-        Minimum tissue fraction of a patch.
-    cache_dir
-        Folder caching the token grids as zarr (default: ``stf.settings.cache_dir / "superres"``).
-    table_key, image_key
-        Elements of the SpatialData.
-    accelerator, devices
-        Lightning accelerator and devices (mixed precision on GPU).
-    seed
-        Random seed.
-    progress
-        Show progress bars; ``None`` follows ``stf.settings.progress``.
-    trainer_kwargs
-        More :class:`lightning.pytorch.Trainer` arguments.
+    validation
+        ``"patient"``: the last patient is held out for validation (early stopping and the choice of the best
+        epoch's weights; with one patient, a random 20% of the patches, with a warning); a list of patient
+        ids; ``None``: no validation (the last epoch's weights). The validation patient selects the model,
+        so its scores are not held-out scores: test on patients not passed to this function.
+    {train}
+    {progress}
+    {table_key}
+    {trainer_kwargs}
+
+    Notes
+    -----
+    ``model_kwargs``: ``backbone`` (``"virchow2"``; a registered name, see
+    :func:`~spatialtranscriptformer.pp.list_backbones`, a :class:`~spatialtranscriptformer.pp.Backbone` or a
+    ``torch.nn.Module``), ``weights`` (backbone weights: a path, ``None`` = Hugging Face cache, ``"random"``
+    for tests only), ``patch_um`` (256; patch edge in µm, a multiple of 16: the 2 µm raster is
+    ``patch_um / 2`` bins wide), ``arch`` (``"hist2st"`` or ``"unet"``), ``hidden`` (128), ``n_layers`` (2),
+    ``n_heads`` (4), ``dropout`` (0.1).
+
+    ``plan_kwargs``: ``scales`` ((2, 4, 8, 16) µm), ``gradnorm`` (True; else the scales' mean loss),
+    ``alpha`` (1.5) and ``gradnorm_lr`` (0.025) of GradNorm, ``warmup_epochs`` (2), ``weight_decay`` (1e-2).
+
+    ``data_kwargs``: ``min_tissue`` (0.05; minimum tissue fraction of a patch), ``cache_dir`` (token grids
+    cached as zarr; ``None``: ``stf.settings.cache_dir / "superres"``), ``image_key`` (the H&E element).
+
+    Trainer defaults: ``accumulate_grad_batches=4``, ``precision="16-mixed"`` on GPU.
 
     Returns
     -------
@@ -298,20 +338,61 @@ def fit_superres(
     """
     import torch
 
-    from ..module._superres import SuperResDecoder
+    from ..module._registry import build_model, get_model_entry
     from ..pp._backbones import Backbone, get_backbone
     from ..train._superres_data import patch_layout, select_genes
-    from ..train._superres_plan import PatchDataset, SuperResPlan, train_superres, zscore_stats
+    from ..train._superres_plan import (
+        DEFAULT_ACCUMULATE,
+        PatchDataset,
+        SuperResPlan,
+        train_superres,
+        zscore_stats,
+    )
+    from ._options import SUPERRES_DATA, SUPERRES_LEGACY, SUPERRES_MODEL, SUPERRES_PLAN, group, route_legacy
+
+    # --- options: the former keywords, then every group checked before any work -------------------------
+    model_kwargs, plan_kwargs, data_kwargs = dict(model_kwargs or {}), dict(plan_kwargs or {}), dict(data_kwargs or {})
+    trainer_kwargs = dict(trainer_kwargs)
+    legacy_trainer = trainer_kwargs.pop("trainer_kwargs", None)
+    renamed = route_legacy(
+        trainer_kwargs, {"model_kwargs": model_kwargs, "plan_kwargs": plan_kwargs, "data_kwargs": data_kwargs},
+        SUPERRES_LEGACY, caller="fit_superres",
+        renamed={"val_patient": "validation", "patience": "early_stopping_patience"},
+    )  # fmt: skip
+    if "validation" in renamed:
+        validation = _legacy_validation(renamed["validation"])
+    if "early_stopping_patience" in renamed:
+        early_stopping_patience = renamed["early_stopping_patience"]
+    if legacy_trainer is not None:
+        warnings.warn("fit_superres: trainer_kwargs={...} moved: pass Trainer arguments as keywords "
+                      "(**trainer_kwargs); the old form will be removed in a future version.", FutureWarning,
+                      stacklevel=2)
+        trainer_kwargs = {**dict(legacy_trainer), **trainer_kwargs}
+    entry = get_model_entry("superres")
+    entry.check_loss(loss)
+    decoder_kw = {k: v for k, v in entry.model_kwargs().items() if k not in SUPERRES_MODEL}
+    mk = group("model_kwargs", model_kwargs, {**SUPERRES_MODEL, **decoder_kw}, caller="fit_superres")
+    plan = group("plan_kwargs", plan_kwargs, SUPERRES_PLAN, caller="fit_superres")
+    opts = group("data_kwargs", data_kwargs, SUPERRES_DATA, caller="fit_superres")
+    from .._validate import check_number
+
+    check_number("max_epochs", max_epochs, minimum=1, integer=True)
+    check_number("batch_size", batch_size, minimum=1, integer=True)
+    check_number("lr", lr, minimum=0, exclusive=True)
+    check_number("early_stopping_patience", early_stopping_patience, minimum=1, integer=True, none_ok=True)
+    backbone, weights, patch_um = mk.pop("backbone"), mk.pop("weights"), int(mk.pop("patch_um"))
+    scales = plan["scales"]
 
     progress = settings.progress if progress is None else progress
     slides = as_slide_list(data)
-    layout = patch_layout(slides, patch_um=patch_um, values="counts", min_tissue=min_tissue, table_key=table_key)
-    tr, va = _split(layout.patient_ids, val_patient, seed)
+    layout = patch_layout(slides, patch_um=patch_um, values="counts", min_tissue=opts["min_tissue"],
+                          table_key=table_key)
+    tr, va = _split(layout.patient_ids, validation, seed)
     # top genes from the training patches only: no validation bin takes part in choosing them
     gene_list = select_genes(layout.tables, genes, layer=layout.layer, rows=layout.rows(tr))
     patches = layout.rasters(gene_list)
     bb = backbone if isinstance(backbone, Backbone) else get_backbone(backbone, weights=weights)
-    cache = Path(cache_dir) if cache_dir is not None else settings.cache_dir / "superres"
+    cache = Path(opts["cache_dir"]) if opts["cache_dir"] is not None else settings.cache_dir / "superres"
     cache.mkdir(parents=True, exist_ok=True)
     tokens = None
     for i, s in enumerate(slides):
@@ -324,7 +405,7 @@ def fit_superres(
             patches.centers_px[sel],
             patches.patch_px[sel],
             table_key=table_key,
-            image_key=image_key,
+            image_key=opts["image_key"],
             cache=cache,
             cache_key=str(patches.slide_ids[sel[0]]),
             progress=progress,
@@ -333,15 +414,8 @@ def fit_superres(
             tokens = np.empty((len(patches), *t.shape[1:]), dtype=np.float32)
         tokens[sel] = t
     torch.manual_seed(seed)
-    decoder = SuperResDecoder(
-        tokens.shape[-1],
-        len(patches.genes),
-        grid=tokens.shape[1],
-        arch=arch,
-        hidden=hidden,
-        out_size=patches.values.shape[-1],
-        n_layers=n_layers,
-    )
+    decoder = build_model("superres", tokens.shape[-1], len(patches.genes), level="bin", loss=loss,
+                          grid=tokens.shape[1], out_size=patches.values.shape[-1], **mk)
     zstats = None
     if loss == "poisson":
         m = patches.mask[tr][:, None]
@@ -349,32 +423,15 @@ def fit_superres(
         decoder.set_output_bias(torch.log(torch.as_tensor(mean).clamp_min(1e-4)))
     else:
         zstats = zscore_stats(patches.values[tr], patches.mask[tr], scales)
-    plan = SuperResPlan(
-        decoder,
-        loss=loss,
-        scales=scales,
-        gradnorm=gradnorm,
-        lr=lr,
-        warmup_epochs=warmup_epochs,
-        zstats=zstats,
-    )
+    plan_module = SuperResPlan(decoder, loss=loss, lr=lr, zstats=zstats, **plan)
     train_ds = PatchDataset(tokens[tr], patches.values[tr], patches.mask[tr])
     val_ds = PatchDataset(tokens[va], patches.values[va], patches.mask[va]) if len(va) else None
     logger.info("super-resolution: %d training / %d validation patches", len(tr), len(va))
     res = train_superres(
-        plan,
-        train_ds,
-        val_ds,
-        max_epochs=max_epochs,
-        batch_size=batch_size,
-        accumulate=accumulate_grad_batches,
-        patience=patience,
-        accelerator=accelerator,
-        devices=devices,
-        progress=progress,
-        seed=seed,
-        trainer_kwargs=trainer_kwargs,
-    )
+        plan_module, train_ds, val_ds, max_epochs=max_epochs, batch_size=batch_size, seed=seed,
+        accelerator=accelerator, devices=devices, early_stopping_patience=early_stopping_patience,
+        checkpoint_dir=checkpoint_dir, progress=progress, trainer_kwargs=trainer_kwargs,
+    )  # fmt: skip
     params = {
         "backbone": bb.name,
         "backbone_weights": None
@@ -384,16 +441,16 @@ def fit_superres(
         "patch_um": patch_um,
         "loss": loss,
         "scales": list(scales),
-        "gradnorm": gradnorm,
-        "arch": arch,
-        "hidden": hidden,
-        "n_layers": n_layers,
+        "gradnorm": plan["gradnorm"],
+        "arch": mk["arch"],
+        "hidden": mk["hidden"],
+        "n_layers": mk["n_layers"],
         "max_epochs": max_epochs,
         "batch_size": batch_size,
-        "accumulate_grad_batches": accumulate_grad_batches,
+        "accumulate_grad_batches": trainer_kwargs.get("accumulate_grad_batches", DEFAULT_ACCUMULATE),
         "lr": lr,
-        "warmup_epochs": warmup_epochs,
-        "patience": patience,
+        "warmup_epochs": plan["warmup_epochs"],
+        "early_stopping_patience": early_stopping_patience,
         "seed": seed,
         "train_patches": int(len(tr)),
         "val_patches": int(len(va)),
@@ -402,7 +459,7 @@ def fit_superres(
         "gene_selection": "given" if not isinstance(genes, int | np.integer) else "training patches",
     }
     return SuperResModel(
-        plan.cpu(),
+        plan_module.cpu(),
         bb,
         genes=patches.genes,
         patch_um=patch_um,

@@ -53,9 +53,10 @@ def cross_validate_superres(
         H&E image element.
     {progress}
     **fit_kwargs
-        Further arguments of :func:`~spatialtranscriptformer.tl.fit_superres` (``backbone``, ``genes``,
-        ``max_epochs``, ``loss``, ``gradnorm``, ...). ``val_patient`` may only be ``None`` (chosen in each
-        fold) or ``False`` (no validation).
+        Further arguments of :func:`~spatialtranscriptformer.tl.fit_superres` (``genes``, ``max_epochs``,
+        ``loss``, ``model_kwargs={{"backbone": ...}}``, ``plan_kwargs={{"gradnorm": ...}}``, ...).
+        ``validation`` may only be ``"patient"`` (chosen in each fold among its training patients) or
+        ``None`` (no validation).
 
     Returns
     -------
@@ -69,12 +70,18 @@ def cross_validate_superres(
     from ._superres import fit_superres
     from ._superres_evaluate import evaluate_superres
 
-    vp = fit_kwargs.get("val_patient")
-    if vp is not None and vp is not False:
+    if "val_patient" in fit_kwargs:  # the former name: None -> "patient", False -> None
+        vp = fit_kwargs.pop("val_patient")
+        fit_kwargs["validation"] = "patient" if vp is None else (None if vp is False else [vp])
+    vp = fit_kwargs.get("validation", "patient")
+    if vp not in ("patient", None):
         raise ValueError(
             "cross_validate_superres chooses the validation patient inside each fold (among its training "
-            f"patients); pass val_patient=None or False, not {vp!r}."
+            f"patients); pass validation='patient' or None, not {vp!r}."
         )
+    data_kwargs = dict(fit_kwargs.pop("data_kwargs", None) or {})
+    if image_key is not None:
+        data_kwargs["image_key"] = image_key
     slides = as_slide_list(data)
     metas = [slide_meta(get_table(s, table_key)) for s in slides]
     slide_ids = [str(m.get("slide_id", f"slide_{i}")) for i, m in enumerate(metas)]
@@ -90,10 +97,10 @@ def cross_validate_superres(
         )
         train = [slides[int(i)] for i in train_keys]
         test = [slides[int(i)] for i in test_keys]
-        model = fit_superres(train, table_key=table_key, image_key=image_key, progress=progress, **fit_kwargs)
+        model = fit_superres(train, table_key=table_key, progress=progress, data_kwargs=data_kwargs, **fit_kwargs)
         res = evaluate_superres(
             test, model, truth=truth, table_key=table_key, image_key=image_key, progress=progress,
-            min_tissue=fit_kwargs.get("min_tissue", 0.05),
+            min_tissue=data_kwargs.get("min_tissue", fit_kwargs.get("min_tissue", 0.05)),
         )
         res.insert(0, "fold", label)
         out.append(res)

@@ -1,11 +1,11 @@
-"""Save and load a :class:`~spatialtranscriptformer.tl.SuperResModel` without pickling code.
+"""What a saved :class:`~spatialtranscriptformer.tl.SuperResModel` holds beyond the common folder format.
 
-A saved model is a folder: ``config.json`` (format, genes, patch geometry, loss, scales, decoder and
-plan hyperparameters, backbone description, fit parameters), ``weights.pt`` (the decoder's state dict,
-read back with ``torch.load(weights_only=True)``), ``arrays.npz`` (z-score statistics of
-``loss="mse"``, read without pickle), ``history.csv`` and, for a backbone that is not a registered one
-with weights from a file or the Hugging Face cache, ``backbone.pt`` (its state dict). Same design as
-:meth:`spatialtranscriptformer.tl.TrainedModel.save`.
+The folder format itself (``config.json``, ``history.csv``, atomic writes, format and version checks) is
+:class:`~spatialtranscriptformer.tl.BaseModel`'s. A super-resolution model adds to ``config.json`` its
+patch geometry, loss, scales, decoder and plan hyperparameters and a description of its backbone, and
+writes ``weights.pt`` (the decoder's state dict, read back with ``torch.load(weights_only=True)``),
+``arrays.npz`` (z-score statistics of ``loss="mse"``, read without pickle) and, for a backbone that is not
+a registered one with weights from a file or the Hugging Face cache, ``backbone.pt`` (its state dict).
 """
 
 from __future__ import annotations
@@ -16,27 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
-from .._logging import logger
+from ._base import CONFIG_FILE as _CONFIG
 
 if TYPE_CHECKING:
     from ._superres import SuperResModel
 
-FORMAT = "spatialtranscriptformer.superres"
-FORMAT_VERSION = 1
-_CONFIG, _WEIGHTS, _BACKBONE, _ARRAYS, _HISTORY = "config.json", "weights.pt", "backbone.pt", "arrays.npz", "history.csv"
+_WEIGHTS, _BACKBONE, _ARRAYS = "weights.pt", "backbone.pt", "arrays.npz"
 _SPEC_FIELDS = ("name", "dim", "input_size", "mpp", "mean", "std", "license", "citation", "pooling", "arch")
-
-
-def _jsonable(x: Any):
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray | tuple | set):
-        return list(x.tolist() if isinstance(x, np.ndarray) else x)
-    if isinstance(x, os.PathLike):
-        return str(x)
-    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
 
 
 def _decoder_config(decoder) -> dict:
@@ -99,23 +86,11 @@ def _fingerprint(module) -> float | None:
     return float(sum(float(v.detach().double().abs().sum()) for v in module.state_dict().values() if v.is_floating_point()))
 
 
-def save_superres(model: SuperResModel, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """Write ``model`` to folder ``path`` (see the module docstring for the layout)."""
-    import torch
-
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a folder.")
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace the model.")
+def superres_config(model: SuperResModel) -> dict:
+    """The entries of ``config.json`` of a super-resolution model beyond the common ones."""
     plan = model.plan
-    zstats = plan.zstats.detach().cpu().numpy()
-    cfg = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "genes": list(model.genes),
+    return {
         "patch_um": int(model.patch_um),
-        "loss": plan.loss_name,
         "scales": [int(s) for s in plan.scales],
         "gradnorm": plan.gradnorm is not None,
         "plan": {
@@ -131,25 +106,19 @@ def save_superres(model: SuperResModel, path: str | os.PathLike, *, overwrite: b
         "decoder": _decoder_config(model.decoder),
         "backbone": _backbone_config(model),
         "arrays": ["zstats"] if plan.loss_name == "mse" else [],
-        "params": model.params,
-        "best_epoch": model.best_epoch,
     }
-    text = json.dumps(cfg, indent=1, default=_jsonable)  # fails here, before anything is written
-    from .._atomic import atomic_output, saved_model_check
 
-    # the whole folder is written aside and moved into place when complete: never a config beside
-    # another model's weights, never stale files of a model saved here before
-    with atomic_output(path, kind="dir", overwrite=overwrite, replaceable=saved_model_check) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in model.decoder.state_dict().items()}, tmp / _WEIGHTS)
-        if cfg["backbone"]["state_file"]:
-            state = model.backbone.model.state_dict()
-            torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp / _BACKBONE)
-        if cfg["arrays"]:
-            np.savez(tmp / _ARRAYS, zstats=zstats)
-        if model.history is not None:
-            pd.DataFrame(model.history).to_csv(tmp / _HISTORY, index=False)
-        (tmp / _CONFIG).write_text(text)
-    logger.info("Saved %r to %s.", model, path)
+
+def write_superres_state(model: SuperResModel, folder: Path) -> None:
+    """Decoder weights, the backbone's state dict when it is not stored by reference, z-score statistics."""
+    import torch
+
+    torch.save({k: v.detach().cpu() for k, v in model.decoder.state_dict().items()}, folder / _WEIGHTS)
+    if _backbone_config(model)["state_file"]:
+        state = model.backbone.model.state_dict()
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, folder / _BACKBONE)
+    if model.plan.loss_name == "mse":
+        np.savez(folder / _ARRAYS, zstats=model.plan.zstats.detach().cpu().numpy())
 
 
 def _wrap(spec, module):
@@ -272,33 +241,20 @@ def _load_backbone(path: Path, bcfg: dict, backbone, backbone_weights):
     return _wrap(spec, module)
 
 
-def load_superres(
-    path: str | os.PathLike, *, backbone=None, backbone_weights: str | os.PathLike | None = None
-) -> SuperResModel:
-    """Read a model written by :func:`save_superres`; every state dict must fit the configuration exactly."""
+def read_superres(path: Path, cfg: dict, *, backbone=None, backbone_weights: str | os.PathLike | None = None):
+    """Rebuild the super-resolution model saved in ``path``; every state dict must fit ``cfg`` exactly."""
+    from .._validate import check_config_types, reading
     from ..module._superres import SuperResDecoder
     from ..train._superres_plan import SuperResPlan
     from ._superres import SuperResModel
 
-    path = Path(path)
     cfg_path = path / _CONFIG
-    if not path.is_dir():
-        raise FileNotFoundError(f"No saved super-resolution model at {path} (folder not found).")
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"No saved super-resolution model in {path} ({_CONFIG} not found).")
-    from .._validate import check_config_types, read_json, reading
-
-    cfg = read_json(cfg_path, "model configuration")
-    if cfg.get("format") != FORMAT:
-        fmt = cfg.get("format")
-        raise ValueError(f"{cfg_path} is not a saved SuperResModel (format={fmt!r}, expected {FORMAT!r}).")
-    if not isinstance(cfg.get("version"), int) or cfg["version"] > FORMAT_VERSION:
-        raise ValueError(f"{cfg_path} has format version {cfg.get('version')!r}; this version reads <= {FORMAT_VERSION}.")
     missing = [k for k in ("genes", "patch_um", "loss", "scales", "gradnorm", "decoder", "backbone") if k not in cfg]
     if missing:
         raise ValueError(f"{cfg_path} lacks {missing}.")
     check_config_types(cfg, {"genes": list, "patch_um": int, "loss": str, "scales": list, "gradnorm": bool,
-                             "decoder": dict, "backbone": dict, "plan": dict, "params": dict}, path=cfg_path)
+                             "decoder": dict, "backbone": dict, "plan": dict, "params": dict, "fit": dict},
+                       path=cfg_path)
     _safe_backbone_config(path, cfg["backbone"])  # before anything is built: no network, nothing outside
     genes, dcfg = [str(g) for g in cfg["genes"]], dict(cfg["decoder"])
     if not genes or len(set(genes)) != len(genes):
@@ -339,12 +295,6 @@ def load_superres(
         dim = bb.forward_tokens(bb.preprocess(np.zeros((1, s, s, 3), dtype=np.uint8))).shape[-1]
         if dim != in_dim:
             raise ValueError(f"backbone {bb.name!r} gives {dim}-d tokens; the saved decoder reads {in_dim}-d tokens.")
-    hist_path = path / _HISTORY
-    history = None
-    if hist_path.is_file():
-        with reading(hist_path, "training history"):
-            history = pd.read_csv(hist_path)
-    model = SuperResModel(plan.eval(), bb, genes=genes, patch_um=int(cfg["patch_um"]), params=cfg.get("params") or {},
-                          history=history, best_epoch=cfg.get("best_epoch"))
-    logger.info("Loaded %r from %s.", model, path)
-    return model
+    params = cfg.get("fit", cfg.get("params")) or {}  # version 1 called the fit parameters "params"
+    return SuperResModel(plan.eval(), bb, genes=genes, patch_um=int(cfg["patch_um"]), params=params,
+                         history=SuperResModel.read_history(path), best_epoch=cfg.get("best_epoch"))

@@ -25,10 +25,6 @@ from .._validate import check_target_counts
 if TYPE_CHECKING:
     from anndata import AnnData
 
-GAUSSIAN_LOSSES = ("mse", "pcc", "mse_pcc")
-COUNT_LOSSES = ("zinb", "poisson")
-LOSSES = GAUSSIAN_LOSSES + COUNT_LOSSES
-
 
 @dataclass
 class SlideRef:
@@ -177,8 +173,9 @@ def build_slide_arrays(
 ) -> SlideArrays:
     """Features and targets of a slide's spots that pass QC (``total counts >= min_counts``).
 
-    Targets are ``log1p`` counts for the Gaussian losses when ``log_transform``, raw counts otherwise
-    (integers required for ``zinb`` / ``poisson``). With ``pathway_sets`` (name -> member genes), pathway
+    Targets are ``log1p`` counts when ``log_transform`` and the loss is not a count loss of the loss table
+    (:mod:`~spatialtranscriptformer.module._losses`), raw counts otherwise (integers required for the count
+    losses, e.g. ``zinb`` / ``poisson``). With ``pathway_sets`` (name -> member genes), pathway
     targets are computed from *all* measured genes of the slide: log1p-CP10k, z-scored over the slide's
     QC-passed spots (``pathway_zscore``; slide-level models use the unscaled member means, whose slide
     means differ between slides), averaged over the members of each set
@@ -190,8 +187,11 @@ def build_slide_arrays(
     if input_spec is not None:
         x = input_spec.prepare(x, coords)
     y, tot = counts_block(ref, genes, layer)
+    from ..module._losses import get_loss
+
+    counts = get_loss(loss).counts  # the loss table: raw counts, or log1p counts when log_transform
     check_target_counts(y, slide_id=ref.slide_id, layer=layer, loss=loss, log_transform=log_transform)
-    if loss in COUNT_LOSSES and not np.allclose(y, np.round(y)):
+    if counts and not np.allclose(y, np.round(y)):
         raise ValueError(
             f"Slide {ref.slide_id!r}: loss {loss!r} needs raw integer counts but layer {layer or 'X'!r} "
             "holds non-integer values; pass the raw-count layer (`layer=`) or a Gaussian loss."
@@ -209,7 +209,7 @@ def build_slide_arrays(
     if pathway_sets is not None:
         pw = slide_pathway_targets(ref, pathway_sets, layer=layer, keep=keep, zscore=pathway_zscore)[keep]
     x, coords, y, rows = x[keep], coords[keep], y[keep], ref.rows[keep]
-    target = np.log1p(y) if (loss in GAUSSIAN_LOSSES and log_transform) else y
+    target = np.log1p(y) if (not counts and log_transform) else y
     return SlideArrays(
         slide_id=ref.slide_id, patient_id=ref.patient_id, x=x, coords=coords, rows=rows,
         y=target.astype(np.float32), pathway_targets=pw,

@@ -9,26 +9,24 @@ the spatial Pearson correlation at real spots only.
 
 from __future__ import annotations
 
-import logging
 import math
-import shutil
-import tempfile
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import lightning as L
 import numpy as np
-import pandas as pd
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from .._logging import logger
 from ._data import EpochSampler, SlideArrays, SlideDataset, collate_slides
+from ._runner import read_checkpoint, run_lightning  # noqa: F401  (read_checkpoint: re-exported)
 
 META_KEY = "stf_meta"
 """Checkpoint entry with the genes / embedding / model configuration of the run."""
+SPOT_HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_pcc", "lr")
+"""Columns of a spot model's training history."""
+DEFAULT_GRADIENT_CLIP = 1.0
+"""Gradient-norm clipping of the spot models (``gradient_clip_val``; pass ``None`` to turn it off)."""
 
 
 def spot_pcc(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -177,86 +175,6 @@ class EpochSeed(Callback):
         torch.manual_seed(int(np.random.default_rng(key).integers(2**62)))
 
 
-class History(Callback):
-    """Record train/val loss, val PCC and learning rate per epoch; one log line per epoch."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict] = []
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: D102
-        m = trainer.callback_metrics
-        row = {"epoch": trainer.current_epoch}
-        for k in ("train_loss", "val_loss", "val_pcc"):
-            row[k] = float(m[k]) if k in m else float("nan")
-        row["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else float("nan")
-        self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
-        if trainer.is_global_zero:
-            logger.info(
-                "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_pcc %.4f  lr %.2e",
-                row["epoch"] + 1, trainer.max_epochs, row["train_loss"], row["val_loss"], row["val_pcc"], row["lr"],
-            )
-
-    def state_dict(self) -> dict:  # noqa: D102
-        return {"rows": [dict(r) for r in self.rows]}
-
-    def load_state_dict(self, state_dict: dict) -> None:  # noqa: D102
-        self.rows = [dict(r) for r in state_dict.get("rows", [])]
-
-    def frame(self) -> pd.DataFrame:
-        """History as a DataFrame (one row per epoch)."""
-        cols = ["epoch", "train_loss", "val_loss", "val_pcc", "lr"]
-        return pd.DataFrame(self.rows, columns=cols)
-
-
-class BestWeights(Callback):
-    """Keep the weights of the best validation epoch in memory (runs without a checkpoint folder).
-
-    Writing checkpoints that nobody can resume from (a temporary folder) cost about a third of the time
-    of a small fit; with a ``checkpoint_dir`` Lightning's :class:`~lightning.pytorch.callbacks.ModelCheckpoint`
-    is used instead. The validation metric is synchronised across processes, so every rank keeps the
-    same epoch.
-    """
-
-    def __init__(self, monitor: str, mode: str) -> None:
-        self.monitor, self.mode = monitor, mode
-        self.best: float | None = None
-        self.best_epoch: int | None = None
-        self.state: dict | None = None
-
-    def on_validation_end(self, trainer, pl_module) -> None:  # noqa: D102
-        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
-            return
-        v = float(trainer.callback_metrics[self.monitor])
-        if not math.isfinite(v):
-            return
-        better = self.best is None or (v > self.best if self.mode == "max" else v < self.best)
-        if better:
-            self.best, self.best_epoch = v, int(trainer.current_epoch)
-            self.state = {k: t.detach().clone() for k, t in pl_module.state_dict().items()}
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """Load a training checkpoint without unpickling code (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint not found: {path}.")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _strategy(strategy):
-    """Lightning strategy; plain ``"ddp"`` tolerates parameters a configuration leaves unused.
-
-    Some configurations train parameters on only part of their outputs (e.g. the STF's pathway scoring
-    without the auxiliary pathway loss, or its reconstructor with ``gene_head="token"``); DDP then needs
-    ``find_unused_parameters`` or it stops with an error.
-    """
-    if strategy is None:
-        return "auto"
-    if strategy == "ddp":
-        return "ddp_find_unused_parameters_true"
-    return strategy
-
-
 def run_training(
     module: torch.nn.Module,
     train_slides: Sequence[SlideArrays],
@@ -268,19 +186,17 @@ def run_training(
     max_spots: int | None,
     crop: str,
     augment: bool,
-    early_stopping_patience: int | None,
-    monitor: str,
-    accelerator: str,
-    devices,
-    strategy,
     seed: int,
-    resume_from: str | Path | None,
-    checkpoint_dir: str | Path | None,
-    progress: bool,
-    gradient_clip_val: float | None,
-    trainer_kwargs: dict,
+    monitor: str = "val_loss",
+    **runner_kwargs,
 ) -> dict:
-    """Fit ``module`` with Lightning; restore the best weights. Returns history, best epoch, rank info."""
+    """Fit ``module`` on padded slide batches with :func:`~spatialtranscriptformer.train._runner.run_lightning`.
+
+    Training slides are cropped to ``max_spots`` and augmented; validation runs on whole slides. The crops,
+    the slide order and torch's RNG are seeded per epoch and batch (:class:`EpochSeed`), so a resumed run
+    continues exactly as an uninterrupted one. ``runner_kwargs`` go to the runner (early stopping,
+    checkpoints, devices, ``trainer_kwargs``). Returns the runner's result.
+    """
     train_ds = SlideDataset(train_slides, train=True, max_spots=max_spots, crop=crop, augment=augment, seed=seed)
     sampler = EpochSampler(len(train_ds), seed=seed, dataset=train_ds)
     train_dl = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, collate_fn=collate_slides)
@@ -289,70 +205,8 @@ def run_training(
         val_ds = SlideDataset(val_slides, train=False)
         val_dl = DataLoader(val_ds, batch_size=batch_size, shuffle=False, collate_fn=collate_slides)
     plan = TrainingPlan(module, **plan_kwargs)
-
-    tmp = None
-    if checkpoint_dir is None:
-        tmp = tempfile.mkdtemp(prefix="stf_ckpt_")  # Lightning's default_root_dir; nothing is written there
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(tmp)
-    mode = "max" if monitor == "val_pcc" else "min"
-    history = History()
-    callbacks: list = [EpochSeed(train_ds, sampler, seed), history]
-    ckpt = best = None
-    if checkpoint_dir is not None:
-        ckpt = ModelCheckpoint(
-            dirpath=ckpt_dir, filename="best", monitor=monitor if val_dl is not None else None, mode=mode,
-            save_top_k=1, save_last=True, enable_version_counter=True,
-        )
-        callbacks.append(ckpt)
-    elif val_dl is not None:
-        best = BestWeights(monitor, mode)
-        callbacks.append(best)
-    if val_dl is not None and early_stopping_patience:
-        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=early_stopping_patience))
-    kw = dict(trainer_kwargs)
-    callbacks += list(kw.pop("callbacks", []) or [])
-    kw.setdefault("logger", False)
-    kw.setdefault("enable_model_summary", False)
-    kw.setdefault("num_sanity_val_steps", 0)
-    kw.setdefault("log_every_n_steps", 1)
-    kw.setdefault("default_root_dir", str(ckpt_dir))
-    if ckpt is None:
-        kw.setdefault("enable_checkpointing", False)
-    quiet = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda")]
-    levels = [lg.level for lg in quiet]
-    for lg in quiet:  # Lightning's set-up chatter (device summary, tips); our logger reports each epoch
-        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
-    try:
-        trainer = L.Trainer(
-            max_epochs=max_epochs, accelerator=accelerator, devices=devices, strategy=_strategy(strategy),
-            gradient_clip_val=gradient_clip_val, enable_progress_bar=progress, callbacks=callbacks, **kw,
-        )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=".*but have no `val_dataloader`.*")
-            warnings.filterwarnings("ignore", message=".*The dirpath has changed from.*")
-            warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
-            warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
-            trainer.fit(plan, train_dl, val_dl, ckpt_path=None if resume_from is None else str(resume_from))
-        best_epoch = None
-        if val_dl is not None and ckpt is not None and ckpt.best_model_path:
-            state = read_checkpoint(ckpt.best_model_path)
-            plan.load_state_dict(state["state_dict"], strict=True)
-            best_epoch = int(state["epoch"])
-        elif best is not None and best.state is not None:
-            plan.load_state_dict(best.state, strict=True)
-            best_epoch = best.best_epoch
-        trainer.strategy.barrier()
-    finally:
-        for lg, lv in zip(quiet, levels, strict=True):
-            lg.setLevel(lv)
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    module.eval()
-    return {
-        "history": history.frame(),
-        "best_epoch": best_epoch,
-        "is_global_zero": bool(trainer.is_global_zero),
-        "last_checkpoint": None if ckpt is None else ckpt.last_model_path or None,
-        "best_checkpoint": None if ckpt is None else ckpt.best_model_path or None,
-    }
+    return run_lightning(
+        plan, train_dl, val_dl, max_epochs=max_epochs, monitor=monitor, mode="max" if monitor == "val_pcc" else "min",
+        callbacks=[EpochSeed(train_ds, sampler, seed)], history_columns=SPOT_HISTORY_COLUMNS,
+        trainer_defaults={"gradient_clip_val": DEFAULT_GRADIENT_CLIP}, **runner_kwargs,
+    )

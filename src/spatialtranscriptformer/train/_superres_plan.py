@@ -6,27 +6,26 @@ every scale is masked to tissue; the four losses are balanced by GradNorm (Chen 
 own learning rate 0.025), which needs positive losses (ratios to their initial values). ``loss="mse"`` fits
 z-scored log1p counts with a masked mean squared error instead (the baseline of the design). AdamW
 (lr 5e-5) with a linear warm-up over the first epochs, gradient accumulation, early stopping on the
-validation loss, mixed precision on GPU.
+validation loss, mixed precision on GPU; the run itself is the shared runner's
+(:func:`~spatialtranscriptformer.train._runner.run_lightning`).
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import warnings
 from collections.abc import Sequence
 
 import lightning as L
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
 from ..module._gradnorm import GradNorm
+from ._runner import HISTORY_COLUMNS, on_gpu, run_lightning
 
 BIN_UM = 2
+DEFAULT_ACCUMULATE = 4
+"""Batches per optimisation step (the design: 8 x 4); ``accumulate_grad_batches=`` changes it."""
 
 
 class PatchDataset(Dataset):
@@ -182,16 +181,6 @@ class SuperResPlan(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-class _History(Callback):
-    def __init__(self) -> None:
-        self.rows: list[dict] = []
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:  # runs after the epoch's validation
-        row = {"epoch": int(trainer.current_epoch)}
-        row.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-        self.rows.append(row)
-
-
 def train_superres(
     plan: SuperResPlan,
     train: PatchDataset,
@@ -199,63 +188,23 @@ def train_superres(
     *,
     max_epochs: int,
     batch_size: int,
-    accumulate: int,
-    patience: int | None,
-    accelerator: str,
-    devices,
-    progress: bool,
     seed: int,
-    trainer_kwargs: dict | None = None,
+    accelerator: str = "auto",
+    **runner_kwargs,
 ) -> dict:
-    """Fit ``plan``; restore the weights of the best validation epoch. Returns history and best epoch."""
+    """Fit ``plan`` with :func:`~spatialtranscriptformer.train._runner.run_lightning`; restore the best epoch.
+
+    Patches are shuffled by a generator seeded with ``seed``; gradients are accumulated over 4 batches and
+    training runs in mixed precision on GPU unless the ``trainer_kwargs`` of ``runner_kwargs`` say otherwise.
+    Returns the runner's result.
+    """
     L.seed_everything(seed, workers=True, verbose=False)
     train_dl = DataLoader(
         train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
     )
     val_dl = DataLoader(val, batch_size=batch_size) if val is not None and len(val) else None
-    tmp = tempfile.mkdtemp(prefix="stf_superres_")
-    hist = _History()
-    ckpt = ModelCheckpoint(
-        dirpath=tmp,
-        filename="best",
-        monitor="val_loss" if val_dl else None,
-        mode="min",
-        save_top_k=1,
-        save_weights_only=True,
+    defaults = {"accumulate_grad_batches": DEFAULT_ACCUMULATE, "precision": "16-mixed" if on_gpu(accelerator) else "32-true"}
+    return run_lightning(
+        plan, train_dl, val_dl, max_epochs=max_epochs, accelerator=accelerator, history_columns=HISTORY_COLUMNS,
+        trainer_defaults=defaults, **runner_kwargs,
     )
-    callbacks = [hist, ckpt]
-    if val_dl is not None and patience:
-        callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=patience))
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    kw = {
-        "logger": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "log_every_n_steps": 1,
-        "default_root_dir": tmp,
-        "precision": "16-mixed" if on_gpu else "32-true",
-        **(trainer_kwargs or {}),
-    }
-    trainer = L.Trainer(
-        max_epochs=max_epochs,
-        accelerator=accelerator,
-        devices=devices,
-        callbacks=callbacks,
-        accumulate_grad_batches=accumulate,
-        enable_progress_bar=progress,
-        **kw,
-    )
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-            trainer.fit(plan, train_dl, val_dl)
-        best_epoch = None
-        if val_dl is not None and ckpt.best_model_path:
-            state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)
-            plan.load_state_dict(state["state_dict"], strict=True)
-            best_epoch = int(state["epoch"])
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    plan.eval()
-    return {"history": pd.DataFrame(hist.rows), "best_epoch": best_epoch}
