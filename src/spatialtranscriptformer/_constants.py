@@ -59,6 +59,8 @@ TILES_KEY = "tiles"
 """``uns`` key with the tile parameters."""
 SUPERRES_KEY = "stf_superres"
 """Name of the super-resolution image element written by :func:`spatialtranscriptformer.tl.predict`."""
+ATTENTION_KEY = "stf_attention"
+"""``obsm`` key of the pathway tokens' attention over the spots written by ``stf predict --return-attention``."""
 
 # --- defaults ------------------------------------------------------------------------------------
 DEFAULT_TILE_SIZE = 224
