@@ -213,7 +213,7 @@ def _add_predict(sub) -> None:
                    "the library's, 8192)")
     p.add_argument("--return-attention", action="store_true",
                    help="stf: also store the head-averaged attention each pathway token pays to each spot in the "
-                   f"last layer, as obsm['stf_attention'] (spots x pathways; plot it with stf.pl.attention(None, "
+                   "last layer, as obsm['stf_attention'] (spots x pathways; plot it with stf.pl.attention(None, "
                    "data, weights=...)); slides of at most 20,000 spots (default: off)")
     p.add_argument("--table-key", default=None, help="table of the store (default: the only table, or 'table')")
     p.add_argument("--quiet", action="store_true", help="no progress bars (default: show them)")
