@@ -16,6 +16,7 @@ No code is ever unpickled. Version-1 folders of both kinds (before the two were 
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from pathlib import Path
@@ -67,7 +68,7 @@ def read_config(path: str | os.PathLike) -> tuple[dict, str]:
     return cfg, kind
 
 
-class BaseModel:
+class BaseModel(abc.ABC):
     """What every trained model has: a registered name, genes, loss, fit parameters and training history.
 
     Subclasses (:class:`~spatialtranscriptformer.tl.TrainedModel` for spot models,
@@ -124,9 +125,9 @@ class BaseModel:
         return self.fit_params
 
     @property
+    @abc.abstractmethod
     def target_space(self) -> str:
         """What predictions are: ``"log1p"`` (log1p counts) or ``"counts"``."""
-        raise NotImplementedError
 
     def _config(self) -> dict:
         """Entries of ``config.json`` that only this kind has."""
@@ -142,14 +143,14 @@ class BaseModel:
         }  # fmt: skip
 
     # --- persistence ----------------------------------------------------------------------------------
+    @abc.abstractmethod
     def _write_state(self, folder: Path) -> None:
         """Write weights and arrays into ``folder`` (a new, empty temporary folder)."""
-        raise NotImplementedError
 
     @classmethod
+    @abc.abstractmethod
     def _read(cls, path: Path, cfg: dict, **kwargs: Any) -> BaseModel:
         """Rebuild the model saved in ``path`` from its checked configuration ``cfg``."""
-        raise NotImplementedError
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write the model to folder ``path`` (``config.json``, weights, arrays, ``history.csv``).
@@ -214,9 +215,9 @@ class BaseModel:
 
         return predict(data, self, **kwargs)
 
+    @abc.abstractmethod
     def evaluate(self, data, **kwargs: Any) -> pd.DataFrame:
         """Predict held-out ``data`` (on copies: the data is not modified) and score it against its measurements."""
-        raise NotImplementedError
 
 
 def as_model(model: Any) -> BaseModel:
