@@ -96,15 +96,15 @@ def fit(
 
     Defaults that depend on the model (``None`` / ``"auto"`` above):
 
-    ========================== ======================== ================ ==================
-    option                     spot models (``"stf"``)  ridge probes     ``"superres"``
-    ========================== ======================== ================ ==================
-    ``loss``                   ``"mse_pcc"``            ``"mse"``        ``"poisson"``
-    ``lr``                     3e-3                     –                5e-5
-    ``batch_size``             1 slide (8 slide-level)  –                8 patches
-    ``validation``             ``None``                 ``None``         ``"patient"``
-    ``early_stopping_patience`` 15                      –                10
-    ========================== ======================== ================ ==================
+    =========================== ======================== ================ ==================
+    option                      spot models (``"stf"``)  ridge probes     ``"superres"``
+    =========================== ======================== ================ ==================
+    ``loss``                    ``"mse_pcc"``            ``"mse"``        ``"poisson"``
+    ``lr``                      3e-3                     –                5e-5
+    ``batch_size``              1 slide (8 slide-level)  –                8 patches
+    ``validation``              ``None``                 ``None``         ``"patient"``
+    ``early_stopping_patience`` 15                       –                10
+    =========================== ======================== ================ ==================
 
     Parameters
     ----------
