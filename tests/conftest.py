@@ -13,7 +13,10 @@ def _one_torch_thread():
     """Tiny test models run faster (and steadier on a shared machine) on one intra-op thread."""
     import torch
 
+    import spatialtranscriptformer as stf
+
     torch.set_num_threads(1)
+    stf.settings.n_threads = 1  # fit / predict / embed set torch's threads from the settings
     yield
 
 

@@ -15,40 +15,98 @@ from ._inputs import InputSpec, zscore_features  # noqa: F401  (zscore_features:
 _WEIGHTS, _ARRAYS, _RIDGE = "weights.pt", "arrays.npz", "ridge.npz"
 
 
-def spatial_windows(coords: np.ndarray, window_spots: int | None) -> list[tuple[np.ndarray, int]]:
-    """Overlapping spatial windows covering all spots: ``[(spot indices, n_core), ...]``.
+DEFAULT_WINDOW_CONTEXT = 0.25
+"""Context spots per core spot of a prediction window (tokens per spot = 1 + context)."""
 
-    The spots are split recursively at the median of the longer axis into cores of at most
-    ``window_spots // 2`` spots; each window is a core plus the spots nearest to the core's centre
-    up to ``window_spots`` (a margin of context at least as large as the core). The first ``n_core``
-    indices of a window are its core: every spot is the core of exactly one window.
+
+def _balanced_cores(coords: np.ndarray, k: int) -> list[np.ndarray]:
+    """Split the spots into ``k`` spatially compact cores whose sizes differ by at most one spot.
+
+    A k-d split: each node is cut across its longer side at the quantile that gives its two children
+    the number of spots of the leaves below them (``np.argpartition``: O(n) per level, O(n log k) in all).
     """
+    n = len(coords)
+    sizes = np.full(k, n // k, dtype=np.int64)
+    sizes[: n % k] += 1
+    cores: list[np.ndarray] = []
+    stack = [(np.arange(n), coords, 0, k)]
+    while stack:
+        idx, c, first, count = stack.pop()
+        if count == 1:
+            cores.append(np.sort(idx))
+            continue
+        left = count // 2
+        m = int(sizes[first : first + left].sum())
+        ax = int(np.argmax(c.max(0) - c.min(0)))
+        part = np.argpartition(c[:, ax], m - 1)
+        lo, hi = part[:m], part[m:]
+        stack += [(idx[hi], c[hi], first + left, count - left), (idx[lo], c[lo], first, left)]
+    return cores
+
+
+def spatial_windows(
+    coords: np.ndarray, window_spots: int | None, *, context: float = DEFAULT_WINDOW_CONTEXT
+) -> list[tuple[np.ndarray, int]]:
+    """Spatial windows covering all spots for windowed prediction: ``[(spot indices, n_core), ...]``.
+
+    The slide is split into the fewest spatially compact *cores* of at most ``window_spots / (1 +
+    context)`` spots, all of the same size (within one spot; :func:`_balanced_cores`). Each window is a
+    core followed by up to ``context`` x its size of the other spots nearest to the core's bounding box
+    (a ring of context around it), never more than ``window_spots`` in all. The first ``n_core``
+    indices of a window are its core: every spot is the core of exactly one window, and the model runs
+    on at most ``1 + context`` tokens per spot (``1.25`` by default). Finding the context is linear in
+    the number of spots: each core looks only at the spots of the cores next to it.
+
+    Parameters
+    ----------
+    coords
+        ``(n, 2)`` spot centres.
+    window_spots
+        Most spots per window; ``None`` (or at least ``n``) gives one window with the whole slide.
+    context
+        Context spots per core spot (>= 0).
+    """
+    coords = np.asarray(coords, dtype=np.float64)
     n = len(coords)
     if window_spots is None or n <= window_spots:
         return [(np.arange(n), n)]
     if window_spots < 2:
         raise ValueError(f"window_spots must be >= 2, got {window_spots}.")
-    from scipy.spatial import cKDTree
-
-    core_size = max(1, window_spots // 2)
-    leaves, stack = [], [np.arange(n)]
-    while stack:
-        idx = stack.pop()
-        if len(idx) <= core_size:
-            leaves.append(idx)
-            continue
-        c = coords[idx]
-        ax = int(np.argmax(c.max(0) - c.min(0)))
-        order = idx[np.argsort(c[:, ax], kind="stable")]
-        half = len(order) // 2
-        stack += [order[half:], order[:half]]
-    tree = cKDTree(coords)
+    if not (np.isfinite(context) and context >= 0):
+        raise ValueError(f"context must be a number >= 0, got {context!r}.")
+    cores = _balanced_cores(coords, -(-n // max(1, int(window_spots / (1.0 + context)))))
+    # lay the spots out core by core: every core (and its neighbours' spots) is a contiguous slice
+    order = np.concatenate(cores)
+    xy = coords[order]
+    bounds = np.concatenate([[0], np.cumsum([len(c) for c in cores])])
+    lo = np.stack([xy[a:b].min(0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    hi = np.stack([xy[a:b].max(0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    span = float((hi.max(0) - lo.min(0)).max())
     out = []
-    for leaf in leaves:
-        _, nn = tree.query(coords[leaf].mean(0), k=min(n, window_spots))
-        extra = np.setdiff1d(np.atleast_1d(nn), leaf, assume_unique=False)
-        extra = extra[np.argsort(np.linalg.norm(coords[extra] - coords[leaf].mean(0), axis=1), kind="stable")]
-        out.append((np.concatenate([leaf, extra[: window_spots - len(leaf)]]), len(leaf)))
+    for j, core in enumerate(cores):
+        extra = min(window_spots - len(core), int(context * len(core)))
+        if extra <= 0:
+            out.append((core, len(core)))
+            continue
+        # a margin holding about `extra` spots at the core's density, doubled; searched in neighbouring cores only
+        w, h = hi[j] - lo[j]
+        floor = max(w, h, 1e-12) / np.sqrt(len(core))  # degenerate (collinear) cores
+        w, h = max(w, floor), max(h, floor)
+        margin = 2.0 * extra * w * h / (len(core) * 2 * (w + h))
+        while True:  # widen the margin while it holds too few spots (thin or sparse tissue)
+            near = [i for i in np.flatnonzero(((lo - margin <= hi[j]) & (hi + margin >= lo[j])).all(1)) if i != j]
+            pos = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in near]) if near else bounds[:0]
+            c = xy[pos]
+            d = np.hypot(*np.maximum(np.maximum(lo[j] - c, c - hi[j]), 0.0).T)
+            keep = np.flatnonzero(d <= margin)
+            if len(keep) >= extra or margin > span:
+                break
+            margin *= 2.0
+        if len(keep) > extra:
+            keep = keep[np.argpartition(d[keep], extra - 1)[:extra]]
+        ctx = order[pos[keep]]
+        ctx = ctx[np.lexsort((ctx, d[keep]))]
+        out.append((np.concatenate([core, ctx]), len(core)))
     return out
 
 
@@ -180,15 +238,30 @@ class TrainedModel(BaseModel):
         return self.input_spec.prepare(x, coords)
 
     def predict_arrays(
-        self, x: np.ndarray, coords: np.ndarray, *, window_spots: int | None = None, device: str | None = None
+        self,
+        x: np.ndarray,
+        coords: np.ndarray,
+        *,
+        window_spots: int | None = None,
+        window_context: float = DEFAULT_WINDOW_CONTEXT,
+        device: str | None = None,
+        amp: bool | str = False,
+        compile: bool | str = False,
     ) -> dict[str, np.ndarray | None]:
         """Predict one slide from embeddings ``x`` (S, F) and spot centres ``coords`` (S, 2) in µm.
 
         Returns ``{"expr": (S, G) (or (G,) for slide-level models), "pathway_scores": (S, P) | (P,) | None}``
         in the model's target space. With ``window_spots``, spot-level slides larger than that are
         predicted window by window (see :func:`spatial_windows`): a spot then only attends to the
-        spots of its window (its core plus a margin), an approximation of whole-slide attention.
+        spots of its window (its core plus ``window_context`` x as many context spots around it), an
+        approximation of whole-slide attention. ``amp`` (``True``/``"bf16"``/``"fp16"``) runs the network
+        under autocast, ``compile`` through :func:`torch.compile` (see
+        :mod:`~spatialtranscriptformer._accel`); torch uses ``stf.settings.n_threads`` CPU threads.
         """
+        from .._accel import amp_dtype_name, check_compile
+
+        amp_dtype_name(amp)
+        check_compile(compile)
         x = np.asarray(x, dtype=np.float32)
         coords = np.asarray(coords, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.input_dim:
@@ -197,25 +270,38 @@ class TrainedModel(BaseModel):
             raise ValueError(f"coords must have shape ({x.shape[0]}, 2), got {coords.shape}.")
         if not (np.isfinite(x).all() and np.isfinite(coords).all()):
             raise ValueError("Embeddings or coordinates contain NaN/inf.")
-        x = self.prepare_inputs(x, coords)
+        x = self.prepare_inputs(x, coords)  # whole slide: context features never depend on the windows
         if self.is_probe:
             return self._smooth({"expr": np.asarray(self.module.predict(x), dtype=np.float32), "pathway_scores": None},
                                 coords)
+        from .._settings import settings
+
+        windows = (
+            [(np.arange(len(x)), len(x))] if self.level == "slide"
+            else spatial_windows(coords, window_spots, context=window_context)
+        )
+        with settings.torch_threads():
+            out = self._predict_windows(x, coords, windows, device=device, amp=amp, compile=compile)
+        # output smoothing over the whole slide, after every window is predicted
+        return out if self.level == "slide" else self._smooth(out, coords)
+
+    def _predict_windows(self, x, coords, windows, *, device, amp, compile) -> dict[str, np.ndarray | None]:
         import torch
 
+        from .._accel import autocast, compiled
         from .._settings import settings
 
         dev = settings.torch_device(device)
         module = self.module.to(dev).eval()
-        windows = [(np.arange(len(x)), len(x))] if self.level == "slide" else spatial_windows(coords, window_spots)
+        run = compiled(module, compile)
         expr = np.zeros((len(x), len(self.genes)), dtype=np.float32)
         pws = None
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(dev, amp):
             for idx, n_core in windows:
                 xt = torch.from_numpy(x[idx]).unsqueeze(0).to(dev)
                 ct = torch.from_numpy(coords[idx]).unsqueeze(0).to(dev)
                 mt = torch.ones(1, len(idx), dtype=torch.bool, device=dev)
-                out = module(xt, ct, mt)
+                out = run(xt, ct, mt)
                 e = out["expr"][0].float().cpu().numpy()
                 pw = out.get("pathway_scores")
                 pw = None if pw is None else pw[0].float().cpu().numpy()
@@ -226,7 +312,7 @@ class TrainedModel(BaseModel):
                     if pws is None:
                         pws = np.zeros((len(x), pw.shape[-1]), dtype=np.float32)
                     pws[idx[:n_core]] = pw[:n_core]
-        return self._smooth({"expr": expr, "pathway_scores": pws}, coords)
+        return {"expr": expr, "pathway_scores": pws}
 
     @property
     def output_smoothing(self) -> float:

@@ -15,7 +15,7 @@ from .._docs import doc_copy, doc_params, doc_progress, doc_slides, doc_table_ke
 from .._logging import logger
 from .._validate import check_finite_output, check_table
 from ._base import BaseModel, as_model
-from ._model import TrainedModel
+from ._model import DEFAULT_WINDOW_CONTEXT, TrainedModel
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -53,8 +53,11 @@ def predict(
     key_added: str = K.PRED_KEY,
     pathway_key_added: str = K.PRED_PATHWAY_KEY,
     window_spots: int | None = DEFAULT_WINDOW_SPOTS,
+    window_context: float = DEFAULT_WINDOW_CONTEXT,
     slide_key: str = K.SLIDE_KEY,
     device: str | None = None,
+    amp: bool | str = False,
+    compile: bool | str = False,
     table_key: str | None = None,
     progress: bool | None = None,
     copy: bool = False,
@@ -96,13 +99,24 @@ def predict(
     pathway_key_added
         Table / ``obsm`` / ``uns`` key of the predicted pathway scores.
     window_spots
-        Slides with more spots are predicted in overlapping spatial windows of this many spots (cores of
-        at most half a window plus the nearest spots as context), so memory stays bounded. Attention (and
-        the pathway tokens) then see only the window: spots far apart do not interact. ``None``: whole slides.
+        Slides with more spots are predicted in spatial windows of at most this many spots, so memory
+        stays bounded and time grows linearly with the slide: the slide is cut into compact cores of
+        equal size, each predicted together with a ring of the spots nearest to it as context
+        (:func:`~spatialtranscriptformer.tl._model.spatial_windows`). Attention (and the pathway tokens)
+        then see only the window: spots far apart do not interact. ``None``: whole slides.
+    window_context
+        Context spots per core spot of a window (the network runs on ``1 + window_context`` tokens per
+        spot).
     slide_key
         ``obs`` column splitting a table into slides (each slide is predicted on its own).
     device
-        Torch device (``None``: ``stf.settings.device``).
+        Torch device (``None``: ``stf.settings.device``). CPU threads: ``stf.settings.n_threads``.
+    amp
+        Mixed precision: ``True`` / ``"bf16"`` (bfloat16 autocast) or ``"fp16"``; fast on GPUs, usually
+        slower on CPUs. ``False``: float32.
+    compile
+        Run the network through :func:`torch.compile` (``True``: the inductor backend; or a backend name).
+        Compilation costs seconds to minutes once per process; it pays off on large slides and GPUs.
     {table_key}
     {progress}
     {copy}
@@ -137,6 +151,12 @@ def predict(
         if copy:
             return slides[0] if single else slides
         return None
+    from .._accel import amp_dtype_name, check_compile
+
+    amp_dtype_name(amp)
+    check_compile(compile)
+    if not (isinstance(window_context, int | float) and np.isfinite(window_context) and window_context >= 0):
+        raise ValueError(f"window_context must be a number >= 0, got {window_context!r}.")
     single = not isinstance(data, Sequence)
     slides = as_slide_list(data)
     if copy:
@@ -155,7 +175,8 @@ def predict(
     show = settings.progress if progress is None else progress
     preds: dict[int, list] = {i: [] for i in range(len(tables))}
     for i, r, x, coords in tqdm(work, desc="predict", disable=not show or len(work) < 2):
-        preds[i].append((r, model.predict_arrays(x, coords, window_spots=window_spots, device=device)))
+        preds[i].append((r, model.predict_arrays(x, coords, window_spots=window_spots, window_context=window_context,
+                                                  device=device, amp=amp, compile=compile)))
 
     for i, lst in preds.items():  # nothing is written unless every prediction is finite
         for r, p in lst:
@@ -165,7 +186,8 @@ def predict(
                                         hint="The model's weights may be corrupt (NaN/inf); retrain or reload it.")
     params = {
         "model": model.model_name, "embedding_key": model.embedding_key, "n_genes": len(model.genes),
-        "window_spots": window_spots, "level": model.level, "loss": model.loss, "target_space": model.target_space,
+        "window_spots": window_spots, "window_context": window_context, "amp": amp, "compile": compile,
+        "level": model.level, "loss": model.loss, "target_space": model.target_space,
     }
     outputs = [_outputs(t, model, preds[i], key_added=key_added, pathway_key_added=pathway_key_added, params=params)
                for i, t in enumerate(tables)]

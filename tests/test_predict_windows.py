@@ -1,0 +1,113 @@
+"""Windowed whole-slide prediction: balanced cores, bounded context, exact where one window covers the slide."""
+
+import numpy as np
+import pytest
+import torch
+
+from spatialtranscriptformer.module._stf import SpatialTranscriptFormer
+from spatialtranscriptformer.tl._model import TrainedModel, spatial_windows
+
+
+def _layouts():
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(np.arange(90), np.arange(70)), -1).reshape(-1, 2) * 100.0
+    holes = grid[rng.uniform(size=len(grid)) > 0.3]
+    line = np.c_[np.arange(3000.0), np.zeros(3000)]
+    return {"uniform": rng.uniform(0, 5000, (5000, 2)), "grid": grid, "grid_with_holes": holes, "line": line,
+            "two_islands": np.r_[rng.uniform(0, 100, (2000, 2)), rng.uniform(9000, 9100, (2500, 2))]}
+
+
+@pytest.mark.parametrize("name", list(_layouts()))
+@pytest.mark.parametrize("window", [500, 1024])
+def test_windows_balanced_cover_once_and_bounded(name, window):
+    c = _layouts()[name]
+    wins = spatial_windows(c, window)
+    cores = [w[:k] for w, k in wins]
+    assert np.array_equal(np.sort(np.concatenate(cores)), np.arange(len(c)))  # every spot is a core spot once
+    sizes = [len(k) for k in cores]
+    assert max(sizes) - min(sizes) <= 1  # balanced
+    assert all(len(w) <= window and len(np.unique(w)) == len(w) for w, _ in wins)
+    tokens = sum(len(w) for w, _ in wins) / len(c)
+    assert tokens <= 1.25 + 1e-9
+    assert len(wins) == -(-len(c) // int(window / 1.25))  # the fewest cores that fit
+
+
+@pytest.mark.parametrize("name", ["uniform", "grid_with_holes", "line"])
+def test_window_context_is_the_spots_nearest_to_the_core(name):
+    c = _layouts()[name]
+    for w, k in spatial_windows(c, 700):
+        core = w[:k]
+        lo, hi = c[core].min(0), c[core].max(0)
+        d = np.hypot(*np.maximum(np.maximum(lo - c, c - hi), 0).T)
+        outside = np.ones(len(c), bool)
+        outside[core] = False
+        n_ctx = len(w) - k
+        assert n_ctx == min(700 - k, int(0.25 * k))  # the ring is full even along a line
+        if n_ctx:
+            assert d[w[k:]].max() <= np.sort(d[outside])[n_ctx - 1] + 1e-9
+
+
+def test_window_context_option_and_errors():
+    c = _layouts()["uniform"]
+    assert sum(len(w) for w, _ in spatial_windows(c, 1000, context=0.0)) == len(c)
+    assert sum(len(w) for w, _ in spatial_windows(c, 1000, context=1.0)) <= 2 * len(c)
+    assert spatial_windows(c, None)[0][1] == len(c)
+    assert spatial_windows(c, len(c))[0][1] == len(c)
+    with pytest.raises(ValueError, match="window_spots"):
+        spatial_windows(c, 1)
+    with pytest.raises(ValueError, match="context"):
+        spatial_windows(c, 100, context=-1)
+
+
+def test_window_cost_is_linear_in_slide_size():
+    rng = np.random.default_rng(1)
+    for n in (3_000, 30_000, 120_000):
+        c = rng.uniform(0, np.sqrt(n) * 8, (n, 2))
+        wins = spatial_windows(c, 2048)
+        assert sum(len(w) for w, _ in wins) <= 1.25 * n + len(wins)
+        assert max(len(w) for w, _ in wins) <= 2048
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    module = SpatialTranscriptFormer(6, 5, token_dim=16, n_heads=2, n_layers=2, num_pathways=3, dropout=0.0).eval()
+    return TrainedModel(module, model_name="stf", genes=[f"g{i}" for i in range(5)], embedding_key="X_t", input_dim=6,
+                        level="spot", loss="mse_pcc", log_transform=True, pathways=["a", "b", "c"],
+                        fit_params={"standardize": "slide"})
+
+
+def test_prediction_unchanged_where_one_window_covers_the_slide(model):
+    rng = np.random.default_rng(2)
+    x, c = rng.normal(size=(300, 6)).astype(np.float32), rng.uniform(0, 3000, (300, 2))
+    whole = model.predict_arrays(x, c, window_spots=None)
+    for w in (300, 301, 10_000):
+        got = model.predict_arrays(x, c, window_spots=w)
+        np.testing.assert_array_equal(got["expr"], whole["expr"])
+        np.testing.assert_array_equal(got["pathway_scores"], whole["pathway_scores"])
+    windowed = model.predict_arrays(x, c, window_spots=100)["expr"]
+    assert not np.allclose(windowed, whole["expr"])  # smaller windows do change predictions (less context)
+
+
+def test_amp_paths_match_float32_on_cpu(model):
+    rng = np.random.default_rng(3)
+    x, c = rng.normal(size=(200, 6)).astype(np.float32), rng.uniform(0, 2000, (200, 2))
+    ref = model.predict_arrays(x, c, window_spots=120)["expr"]
+    for amp in (True, "bf16", "fp16"):
+        got = model.predict_arrays(x, c, window_spots=120, amp=amp)["expr"]
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, ref, atol=0.05 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="amp"):
+        model.predict_arrays(x, c, amp="int8")
+    with pytest.raises(ValueError, match="compile"):
+        model.predict_arrays(x, c, compile=3)
+
+
+@pytest.mark.slow
+def test_compiled_prediction_matches_eager_on_cpu(model):
+    rng = np.random.default_rng(3)
+    x, c = rng.normal(size=(200, 6)).astype(np.float32), rng.uniform(0, 2000, (200, 2))
+    ref = model.predict_arrays(x, c, window_spots=120)["expr"]
+    got = model.predict_arrays(x, c, window_spots=120, compile="aot_eager")["expr"]  # windows of two sizes
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    assert type(model.module) is SpatialTranscriptFormer and not model.module._compiled_call_impl  # untouched
