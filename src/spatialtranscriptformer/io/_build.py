@@ -139,10 +139,12 @@ def _image_element(levels: list, *, lazy: bool, scale_factors, chunks: int, tf: 
         while side > 2048:
             scale_factors.append(2)
             side //= 2
-    el = Image2DModel.parse(image, scale_factors=scale_factors or None, transformations=tf, **kw)
-    if scale_factors and not lazy:  # the pyramid of an in-memory image: compute the levels once, keep them as dask
-        el = el.persist()
-    return el
+    if scale_factors and not lazy:  # an in-memory image: coarser levels are pooled on first use, then kept
+        from ._lazy import lazy_pyramid
+
+        return _image_element(lazy_pyramid(image, scale_factors, chunks=chunks), lazy=True, scale_factors=None,
+                              chunks=chunks, tf=tf)
+    return Image2DModel.parse(image, scale_factors=scale_factors or None, transformations=tf, **kw)
 
 
 def build_slide(

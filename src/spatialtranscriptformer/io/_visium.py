@@ -85,13 +85,15 @@ def open_image_file(path: str | os.PathLike, *, level: int = 0, chunks: int = 10
 
     A TIFF (pyramidal / OME / BigTIFF) is opened without reading pixels: its levels from ``level`` on
     become lazy dask arrays (see :func:`~spatialtranscriptformer.io._tiff.tiff_levels`), so a whole-slide
-    image is read region by region when tiles are cut. Other formats (JPEG, PNG) cannot be read in parts
-    and are read into memory with :func:`read_image_file`.
+    image is read region by region when tiles are cut. A JPEG is not decoded either: its pyramid levels
+    are decoded on first use, the coarse ones directly at their scale
+    (:func:`~spatialtranscriptformer.io._lazy.jpeg_levels`). Other formats (PNG) are read into memory
+    with :func:`read_image_file`.
 
     Returns
     -------
-    The image (a list of ``(y, x, c)`` levels, finest first, for a TIFF; an array otherwise) and the
-    downsampling factor of ``level`` relative to level 0.
+    The image (a list of ``(y, x, c)`` levels, finest first, for a TIFF or a JPEG; an array otherwise)
+    and the downsampling factor of ``level`` relative to level 0.
     """
     path = Path(path)
     if not path.is_file():
@@ -100,6 +102,10 @@ def open_image_file(path: str | os.PathLike, *, level: int = 0, chunks: int = 10
         from ._tiff import tiff_levels
 
         return tiff_levels(path, level=level, chunks=chunks)
+    from ._lazy import JPEG_SUFFIXES, jpeg_levels
+
+    if path.suffix.lower() in JPEG_SUFFIXES and level == 0:
+        return jpeg_levels(path, chunks=chunks), 1.0
     return read_image_file(path, level=level)
 
 
