@@ -39,9 +39,11 @@ def main():
         sub = sd.SpatialData(images={"he": lazy.images["he"]}, tables={"table": table[np.tile(np.arange(table.n_obs), reps)[: args.n]].copy()})
         sub.tables["table"].obs_names_make_unique()
         s = bb.spec.input_size
-        # pre-made tensors exactly as `embed` feeds them (same preprocessing, dtype and memory layout)
+        # pre-made inputs exactly as `embed` feeds them: normalised tensors (same preprocessing, dtype and
+        # memory layout) for torch backbones, uint8 tiles for numpy feature extractors (`handcrafted`)
         rng = np.random.default_rng(0)
-        x = bb.preprocess(rng.integers(0, 255, (args.batch_size, s, s, 3), dtype=np.uint8))
+        tiles = rng.integers(0, 255, (args.batch_size, s, s, 3), dtype=np.uint8)
+        x = bb.preprocess(tiles) if bb.spec.is_torch else tiles
         bb.forward(x)  # warm-up
         rounds = []
         for _ in range(args.rounds):  # alternate the two paths so machine load hits both alike

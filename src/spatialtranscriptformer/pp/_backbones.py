@@ -332,6 +332,26 @@ class Backbone:
         with torch.inference_mode():
             return pooled_features(self.spec, self.model, x.to(self.device, non_blocking=True)).float().cpu()
 
+    def compiled_forward(self, compile: bool | str = False):
+        """:meth:`forward`, through :func:`torch.compile` when ``compile`` is set (torch backbones only).
+
+        ``compile``: ``True`` (inductor) or a backend name; other backbones (``handcrafted``) run as they are.
+        """
+        from .._accel import check_compile
+
+        backend = check_compile(compile)
+        if backend is None or not self.spec.is_torch:
+            return self.forward
+        import torch
+
+        fn = torch.compile(partial(pooled_features, self.spec, self.model), backend=backend, dynamic=True)
+
+        def forward(x):
+            with torch.inference_mode():
+                return fn(x.to(self.device, non_blocking=True)).float().cpu()
+
+        return forward
+
     def forward_tokens(self, x):
         """Patch-token grid ``(B, h, w, D)`` of a preprocessed batch (CNNs: the last feature map)."""
         import torch

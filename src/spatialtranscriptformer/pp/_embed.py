@@ -91,7 +91,8 @@ def embed_slide(
     image_key: str | None,
     progress: bool,
     prefetch: int = 2,
-    amp: bool = False,
+    amp: bool | str = False,
+    compile: bool | str = False,
     allow_upsampling: bool = False,
     bar: Any = None,
     plan: tuple | None = None,
@@ -101,8 +102,7 @@ def embed_slide(
     ``bar``: a progress bar shared by several slides (updated, not closed); ``plan``: the slide's
     :func:`~spatialtranscriptformer.pp._tiles.tile_plan`, when already made (and its upsampling checked).
     """
-    import torch
-
+    from .._accel import autocast
     from .._progress import progress_bar
 
     adata = get_table(data, table_key)
@@ -112,17 +112,15 @@ def embed_slide(
         plan = tile_plan(data, adata, tile_size=size, mpp=res, image_key=image_key, allow_upsampling=allow_upsampling)
     gen = planned_batches(plan, tile_size=size, batch_size=batch_size, pad_mode="reflect", cval=255)
     out = np.zeros((adata.n_obs, bb.dim), dtype=np.float32) if bb.dim else None
-    use_amp = amp and str(bb.device).startswith("cuda")
+    forward = bb.compiled_forward(compile)
+    use_amp = amp if bb.spec.is_torch else False  # numpy feature extractors run as they are
     own = bar is None
     if own:
         bar = progress_bar(total=adata.n_obs, disable=not progress, desc=f"embed {bb.name}", unit="tile")
     try:
         for idx, x in _prefetch(gen, bb, prefetch):
-            if use_amp:
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    f = bb.forward(x)
-            else:
-                f = bb.forward(x)
+            with autocast(bb.device, use_amp):
+                f = forward(x)
             f = np.asarray(f, dtype=np.float32)
             if out is None:
                 out = np.zeros((adata.n_obs, f.shape[1]), dtype=np.float32)
@@ -145,7 +143,8 @@ def embed(
     mpp: float | None = None,
     batch_size: int = 32,
     device: str | None = None,
-    amp: bool = False,
+    amp: bool | str = False,
+    compile: bool | str = False,
     key_added: str | None = None,
     overwrite: bool = False,
     image_key: str | None = None,
@@ -158,11 +157,11 @@ def embed(
 
     Tiles are cut at the backbone's native scale (``mpp``, ``tile_size``) around every spot, read block
     by block into memory by a background thread that stays ``2`` batches ahead of the model, so reading
-    hides behind compute. Inference runs under :func:`torch.inference_mode` (bfloat16 autocast with
-    ``amp=True`` on CUDA). Slides that already hold the embedding are skipped unless ``overwrite``; every
-    slide is checked (image, spots, upsampling) before any is embedded, and one progress bar counts the
-    tiles of all slides. For many slides on several GPUs or nodes use
-    :func:`spatialtranscriptformer.pp.embed_distributed`.
+    hides behind compute. Inference runs under :func:`torch.inference_mode` with ``stf.settings.n_threads``
+    CPU threads (mixed precision with ``amp``, :func:`torch.compile` with ``compile``). Slides that already
+    hold the embedding are skipped unless ``overwrite``; every slide is checked (image, spots, upsampling)
+    before any is embedded, and one progress bar counts the tiles of all slides. For many slides on several
+    GPUs or nodes use :func:`spatialtranscriptformer.pp.embed_distributed`.
 
     Parameters
     ----------
@@ -178,7 +177,11 @@ def embed(
     device
         Torch device; default ``stf.settings.device``.
     amp
-        bfloat16 autocast on CUDA (ignored on CPU, where it is slower).
+        Mixed precision for torch backbones: ``True`` / ``"bf16"`` (bfloat16 autocast) or ``"fp16"``; several
+        times faster on GPUs with tensor cores, usually slower on CPUs. ``False``: float32.
+    compile
+        Run a torch backbone through :func:`torch.compile` (``True``: the inductor backend, or a backend
+        name); compiling costs up to minutes once per process and pays off on many tiles.
     {key}
     {table_key}
     {upsampling}
@@ -204,6 +207,10 @@ def embed(
                 f"Slide {i}: embedding needs the H&E image, pass a SpatialData (got {type(s).__name__}); "
                 "turn an AnnData into one with `stf.io.from_anndata(adata, image=..., mpp=...)`."
             )
+    from .._accel import amp_dtype_name, check_compile
+
+    amp_dtype_name(amp)
+    check_compile(compile)
     if copy:
         slides = [copy_data(s) for s in slides]
     bb = get_backbone(backbone, weights=weights, device=device)
@@ -224,11 +231,12 @@ def embed(
     n_tiles = sum(a.n_obs for _, a, _ in todo)
     desc = f"embed {bb.name}" + (f" ({len(todo)} slides)" if len(todo) > 1 else "")
     results = []  # all slides are embedded before any is written: an error leaves every slide unchanged
-    with progress_bar(total=n_tiles, disable=not progress or not todo, desc=desc, unit="tile") as bar:
+    with progress_bar(total=n_tiles, disable=not progress or not todo, desc=desc, unit="tile") as bar, \
+            settings.torch_threads():
         for i, (s, adata, plan) in enumerate(todo):
             t0 = time.perf_counter()
             emb = embed_slide(s, bb, tile_size=size, mpp=res, batch_size=batch_size, table_key=table_key,
-                              image_key=image_key, progress=progress, amp=amp, bar=bar, plan=plan)
+                              image_key=image_key, progress=progress, amp=amp, compile=compile, bar=bar, plan=plan)
             check_finite_output(emb, what=f"embed: backbone {bb.name!r} on slide {i} of {len(todo)}",
                                 hint="Check the backbone's weights and the tiles (blank or corrupt image?).")
             results.append((adata, emb, time.perf_counter() - t0))

@@ -39,12 +39,16 @@ class ImageLevel:
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Region ``[y0:y1, x0:x1]`` as ``(y, x, 3)`` uint8 (clipped to the image)."""
+        return np.moveaxis(self.read_chw(y0, y1, x0, x1), 0, -1)
+
+    def read_chw(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Region ``[y0:y1, x0:x1]`` as ``(3, y, x)`` uint8 (clipped to the image), as stored."""
         h, w = self.shape_yx
         y0, y1, x0, x1 = max(0, y0), min(h, y1), max(0, x0), min(w, x1)
         reg = self.array[:3, y0:y1, x0:x1]
         if hasattr(reg, "compute"):
             reg = reg.compute()
-        return np.moveaxis(np.asarray(reg), 0, -1)
+        return np.asarray(reg)
 
 
 def image_levels(sdata, image_key: str) -> list[ImageLevel]:

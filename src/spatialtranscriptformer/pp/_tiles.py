@@ -19,16 +19,117 @@ if TYPE_CHECKING:
 PadMode = Literal["reflect", "constant"]
 
 
+_DENSE_OVERLAP = 1.25
+"""Resample a block once (then slice its tiles) when its tiles cover its area at least this many times."""
+_BAND = 256
+"""Output rows resampled at a time on the block path (bounds the float scratch)."""
+
+
 def _pad_region(region: np.ndarray, pads: tuple[int, int, int, int], mode: PadMode, cval: int) -> np.ndarray:
+    """Pad a ``(c, y, x)`` region at the slide edges (``reflect``; ``symmetric``/``edge`` when too small)."""
     top, bottom, left, right = pads
     if not any(pads):
         return region
-    width = ((top, bottom), (left, right), (0, 0))
+    width = ((0, 0), (top, bottom), (left, right))
     if mode == "constant":
         return np.pad(region, width, mode="constant", constant_values=cval)
-    if max(top, bottom) >= region.shape[0] or max(left, right) >= region.shape[1]:
-        return np.pad(region, width, mode="symmetric" if min(region.shape[:2]) > 1 else "edge")
+    if max(top, bottom) >= region.shape[1] or max(left, right) >= region.shape[2]:
+        return np.pad(region, width, mode="symmetric" if min(region.shape[1:]) > 1 else "edge")
     return np.pad(region, width, mode="reflect")
+
+
+def _native(scale: float) -> bool:
+    return abs(scale - 1.0) < 1e-6
+
+
+def tile_origins(centers: np.ndarray, *, size: int, scale: float) -> np.ndarray:
+    """Slide-wide integer ``(x, y)`` of each tile's first output pixel (native scale: its first source pixel).
+
+    Output pixel ``K`` of the slide-wide output grid is centred at source coordinate ``(K + 0.5) * scale``;
+    a tile starts at the grid pixel nearest to ``centre / scale - size / 2``.
+    """
+    if _native(scale):
+        return np.round(np.asarray(centers, dtype=np.float64) - size / 2).astype(np.int64)
+    return np.round(np.asarray(centers, dtype=np.float64) / scale - size / 2).astype(np.int64)
+
+
+def _source_bounds(first: np.ndarray, size: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """First and last source pixel (inclusive) each tile reads along one axis."""
+    if _native(scale):
+        return first, first + size - 1
+    from ._resample import tap_range
+
+    return tap_range(first, size, scale)
+
+
+def _to_hwc(region: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """A ``(c, y, x)`` region as a C-contiguous ``(y, x, c)`` array (one strided write per channel: ~4x
+    faster than ``np.ascontiguousarray(np.moveaxis(...))``)."""
+    out = np.empty((*region.shape[1:], region.shape[0]), dtype=region.dtype) if out is None else out
+    for c in range(region.shape[0]):
+        out[..., c] = region[c]
+    return out
+
+
+def _slice(big: np.ndarray, ys: np.ndarray, xs: np.ndarray, size: int, rows: np.ndarray, out: np.ndarray) -> None:
+    for i in range(len(rows)):  # each tile: `size` row copies (memcpy) of a (y, x, c) array
+        out[rows[i]] = big[ys[i] : ys[i] + size, xs[i] : xs[i] + size]
+
+
+class _Buffers:
+    """Scratch arrays reused from block to block (fresh memory costs a page fault per 4 KiB)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        n = int(np.prod(shape))
+        buf = self._bufs.get(name)
+        if buf is None or buf.size < n or buf.dtype != dtype:
+            buf = self._bufs[name] = np.empty(max(n, 0 if buf is None else buf.size), dtype=dtype)
+        return buf[:n].reshape(shape)
+
+
+def _cut_block(region: np.ndarray, ry0: int, rx0: int, first: np.ndarray, *, size: int, scale: float,
+               out: np.ndarray, rows: np.ndarray, strategy: str = "auto", buffers: _Buffers | None = None) -> None:
+    """Write the tiles starting at output pixels ``first`` (x, y) into ``out[rows]`` from a ``(c, y, x)`` region.
+
+    The region starts at slide pixel ``(ry0, rx0)`` and holds every pixel the tiles read. Where the tiles
+    overlap (``strategy="auto"`` and at least :data:`_DENSE_OVERLAP` tile pixels per pixel of their
+    bounding box; or ``"block"``) the bounding box is converted once, to ``(y, x, c)`` at native scale or
+    resampled onto the output grid otherwise (:mod:`~spatialtranscriptformer.pp._resample`), and the
+    tiles are sliced from it; where they are sparse (``"tile"``) each tile is copied / cropped and
+    resampled on its own, at a cost proportional to the tiles. Both give identical tiles.
+    """
+    from ._resample import axis_taps, kernels
+
+    buffers = buffers or _Buffers()
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    ox, oy = np.ascontiguousarray(first[:, 0]), np.ascontiguousarray(first[:, 1])
+    OX0, OY0 = int(ox.min()), int(oy.min())
+    nx, ny = int(ox.max()) + size - OX0, int(oy.max()) + size - OY0
+    dense = strategy == "block" or (strategy == "auto" and len(rows) * size * size >= _DENSE_OVERLAP * nx * ny)
+    k = kernels()
+    if _native(scale):
+        if dense:
+            box = region[:, OY0 - ry0 : OY0 - ry0 + ny, OX0 - rx0 : OX0 - rx0 + nx]
+            _slice(_to_hwc(box, buffers.get("hwc", (ny, nx, box.shape[0]), np.uint8)), oy - OY0, ox - OX0, size, rows, out)
+        else:
+            k.gather(region, oy - ry0, ox - rx0, size, rows, out)
+        return
+    if not dense:
+        yi, yw = axis_taps(oy, size, scale)
+        xi, xw = axis_taps(ox, size, scale)
+        k.resample_tiles(region, ry0, rx0, yi, yw, xi, xw, rows, out)
+        return
+    xi, xw = axis_taps(np.array([OX0]), nx, scale)
+    big = buffers.get("big", (ny, nx, out.shape[-1]), np.uint8)
+    bands = [axis_taps(np.array([OY0 + b]), min(_BAND, ny - b), scale) for b in range(0, ny, _BAND)]
+    scratch = buffers.get("scratch", (max(k.scratch_size(region.shape[0], yi[0], yw[0], xw[0]) for yi, yw in bands),),
+                          np.float32)
+    for b, (yi, yw) in zip(range(0, ny, _BAND), bands, strict=True):
+        k.resample(region, ry0, rx0, yi[0], yw[0], xi[0], xw[0], big[b : b + _BAND], scratch)
+    _slice(big, oy - OY0, ox - OX0, size, rows, out)
 
 
 def cut_tiles(
@@ -40,42 +141,23 @@ def cut_tiles(
     origin: tuple[int, int] = (0, 0),
     out: np.ndarray | None = None,
     rows: np.ndarray | None = None,
+    strategy: str = "auto",
 ) -> np.ndarray:
-    """Cut ``size`` x ``size`` tiles centred on ``centers`` (x, y; region pixels) from ``region``.
+    """Cut ``size`` x ``size`` tiles centred on ``centers`` (x, y; region pixels) from a ``(y, x, 3)`` ``region``.
 
-    ``scale`` is the number of region pixels per output pixel. Unless ``scale == 1`` (plain slices),
-    the region is resampled once to the output scale with bilinear interpolation (Pillow) and tiles are
-    sliced from it; tile origins are rounded to the slide-wide output pixel grid. ``origin`` is the
-    slide position (x, y) of ``region[0, 0]``. With ``out`` and ``rows``, tile ``i`` is written to
-    ``out[rows[i]]`` (no intermediate copy). The region must already
-    contain every tile's window (see :func:`extract_tiles`).
+    ``scale`` is the number of region pixels per output pixel. Tiles are placed on the slide-wide output
+    grid (:func:`tile_origins`; ``origin`` is the slide position (x, y) of ``region[0, 0]``) and
+    resampled with a triangle filter (bilinear when enlarging); see :func:`_cut_block` for
+    ``strategy``. With ``out`` and ``rows``, tile ``i`` is written to ``out[rows[i]]``. The region must
+    contain every pixel the tiles read (see :func:`extract_tiles`, which also pads at slide edges).
     """
-    from PIL import Image
-
     n = len(centers)
     out = np.empty((n, size, size, 3), dtype=np.uint8) if out is None else out
     rows = np.arange(n) if rows is None else rows
-    half = size * scale / 2
-    if abs(scale - 1.0) < 1e-6:
-        x0 = np.round(centers[:, 0] - half).astype(int)
-        y0 = np.round(centers[:, 1] - half).astype(int)
-        for i in range(n):
-            out[rows[i]] = region[y0[i] : y0[i] + size, x0[i] : x0[i] + size, :3]
-        return out
-    # resample the whole region once onto the slide-wide output grid (output pixel k sits at source
-    # coordinate k * scale), then slice: a spot's tile does not depend on which block it was read in
-    rx0, ry0 = origin
-    rh, rw = region.shape[:2]
-    ox, oy = int(np.ceil(rx0 / scale)), int(np.ceil(ry0 / scale))
-    nw = int(np.floor((rx0 + rw - 1) / scale)) - ox
-    nh = int(np.floor((ry0 + rh - 1) / scale)) - oy
-    box = (ox * scale - rx0, oy * scale - ry0, (ox + nw) * scale - rx0, (oy + nh) * scale - ry0)
-    img = Image.fromarray(np.ascontiguousarray(region[..., :3]))
-    big = np.asarray(img.resize((max(nw, 1), max(nh, 1)), Image.Resampling.BILINEAR, box=box, reducing_gap=None))
-    x0 = (np.round((centers[:, 0] + rx0) / scale - size / 2).astype(int) - ox).clip(0, max(0, nw - size))
-    y0 = (np.round((centers[:, 1] + ry0) / scale - size / 2).astype(int) - oy).clip(0, max(0, nh - size))
-    for i in range(n):
-        out[rows[i]] = big[y0[i] : y0[i] + size, x0[i] : x0[i] + size]
+    rx0, ry0 = (int(v) for v in origin)
+    first = tile_origins(np.asarray(centers, dtype=np.float64) + np.array([rx0, ry0]), size=size, scale=scale)
+    chw = np.ascontiguousarray(np.moveaxis(np.asarray(region)[..., :3], -1, 0))
+    _cut_block(chw, ry0, rx0, first, size=size, scale=scale, out=out, rows=rows, strategy=strategy)
     return out
 
 
@@ -89,22 +171,30 @@ def extract_tiles(
     cval: int = 255,
     block_px: int = 4096,
     out: np.ndarray | None = None,
+    strategy: str = "auto",
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """Yield ``(indices, tiles)`` for tiles centred on ``centers_xy`` (pixels of ``image``).
 
-    Spots are grouped into blocks of about ``block_px`` source pixels; each block's region is read
-    once (whole chunks, one read) and padded at the slide edges with ``pad_mode``, then tiles are cut
-    in memory. ``scale`` is source pixels per output pixel. With ``out`` (``(n, size, size, 3)``
-    uint8), tiles are written straight into ``out[indices]`` and ``None`` is yielded in their place.
+    Spots are grouped into blocks of about ``block_px`` source pixels; each block's region (the pixels its
+    tiles read) is read once (whole chunks, one read) by a background thread, padded at the slide edges
+    with ``pad_mode``, and its tiles are cut in memory by compiled kernels: copied at native scale,
+    resampled tile by tile where spots are sparse or once per block where their tiles overlap
+    (``strategy``: ``"auto"``, ``"tile"`` or ``"block"``; identical results). ``scale`` is source pixels
+    per output pixel. With ``out`` (``(n, size, size, 3)`` uint8), tiles are written straight into
+    ``out[indices]`` and ``None`` is yielded in their place.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     from ._image import array_levels
 
+    if strategy not in ("auto", "tile", "block"):
+        raise ValueError(f"strategy must be 'auto', 'tile' or 'block', got {strategy!r}.")
     level = image if isinstance(image, ImageLevel) else array_levels(image)[0]
     h, w = level.shape_yx
     centers_xy = np.asarray(centers_xy, dtype=np.float64)
-    half = size * scale / 2 + 2 * max(scale, 1.0) + 2
+    first = tile_origins(centers_xy, size=size, scale=scale)
+    lo_x, hi_x = _source_bounds(first[:, 0], size, scale)
+    lo_y, hi_y = _source_bounds(first[:, 1], size, scale)
     bx = np.floor(centers_xy[:, 0] / block_px).astype(np.int64)
     by = np.floor(centers_xy[:, 1] / block_px).astype(np.int64)
     order = np.lexsort((bx, by))
@@ -112,29 +202,30 @@ def extract_tiles(
     groups = np.split(order, np.flatnonzero(np.diff(keys)) + 1) if len(order) else []
 
     def bounds(idx):
-        c = centers_xy[idx]
-        ry0, ry1 = int(np.floor(c[:, 1].min() - half)), int(np.ceil(c[:, 1].max() + half)) + 1
-        rx0, rx1 = int(np.floor(c[:, 0].min() - half)), int(np.ceil(c[:, 0].max() + half)) + 1
-        return ry0, ry1, rx0, rx1
+        return int(lo_y[idx].min()), int(hi_y[idx].max()) + 1, int(lo_x[idx].min()), int(hi_x[idx].max()) + 1
 
     def read(idx):
         ry0, ry1, rx0, rx1 = bounds(idx)
-        region = level.read(ry0, ry1, rx0, rx1)
+        region = level.read_chw(ry0, ry1, rx0, rx1)
         pads = (max(0, -ry0), max(0, ry1 - h), max(0, -rx0), max(0, rx1 - w))
-        return _pad_region(region, pads, pad_mode, cval)
+        return np.ascontiguousarray(_pad_region(region, pads, pad_mode, cval))
 
-    # read block k + 1 (decompression releases the GIL) while block k is cut
+    buffers = _Buffers()
+    # read (decompress, pad) block k + 1 in a thread while block k is cut (the kernels release the GIL)
     with ThreadPoolExecutor(max_workers=1) as pool:
         nxt = pool.submit(read, groups[0]) if groups else None
         for k, idx in enumerate(groups):
             region = nxt.result()
             nxt = pool.submit(read, groups[k + 1]) if k + 1 < len(groups) else None
             ry0, _, rx0, _ = bounds(idx)
-            local = centers_xy[idx] - np.array([rx0, ry0], dtype=np.float64)
             if out is None:
-                yield idx, cut_tiles(region, local, size=size, scale=scale, origin=(rx0, ry0))
+                tiles = np.empty((len(idx), size, size, 3), dtype=np.uint8)
+                _cut_block(region, ry0, rx0, first[idx], size=size, scale=scale, out=tiles,
+                           rows=np.arange(len(idx)), strategy=strategy, buffers=buffers)
+                yield idx, tiles
             else:
-                cut_tiles(region, local, size=size, scale=scale, origin=(rx0, ry0), out=out, rows=idx)
+                _cut_block(region, ry0, rx0, first[idx], size=size, scale=scale, out=out, rows=idx, strategy=strategy,
+                           buffers=buffers)
                 yield idx, None
 
 
