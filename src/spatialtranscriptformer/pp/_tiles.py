@@ -25,17 +25,35 @@ _BAND = 256
 """Output rows resampled at a time on the block path (bounds the float scratch)."""
 
 
-def _pad_region(region: np.ndarray, pads: tuple[int, int, int, int], mode: PadMode, cval: int) -> np.ndarray:
-    """Pad a ``(c, y, x)`` region at the slide edges (``reflect``; ``symmetric``/``edge`` when too small)."""
-    top, bottom, left, right = pads
-    if not any(pads):
-        return region
-    width = ((0, 0), (top, bottom), (left, right))
+def _padded_read(level: ImageLevel, ry0: int, ry1: int, rx0: int, rx1: int, mode: PadMode, cval: int) -> np.ndarray:
+    """Region ``[ry0:ry1, rx0:rx1]`` as ``(c, y, x)``, padded where it leaves the image.
+
+    ``"reflect"`` mirrors the image about its edge pixels (numpy's ``reflect``), reading the mirrored pixels
+    too, so a padded pixel does not depend on how large the region is; ``"constant"`` fills with ``cval``.
+    """
+    h, w = level.shape_yx
+    if ry0 >= 0 and rx0 >= 0 and ry1 <= h and rx1 <= w:
+        return level.read_chw(ry0, ry1, rx0, rx1)
     if mode == "constant":
-        return np.pad(region, width, mode="constant", constant_values=cval)
-    if max(top, bottom) >= region.shape[1] or max(left, right) >= region.shape[2]:
-        return np.pad(region, width, mode="symmetric" if min(region.shape[1:]) > 1 else "edge")
-    return np.pad(region, width, mode="reflect")
+        region = level.read_chw(ry0, ry1, rx0, rx1)
+        pads = ((0, 0), (max(0, -ry0), max(0, ry1 - h)), (max(0, -rx0), max(0, rx1 - w)))
+        return np.pad(region, pads, mode="constant", constant_values=cval)
+
+    def span(a0, a1, n):  # source rows / columns the mirrored region needs
+        lo, hi = max(0, a0), min(n, a1)
+        if a0 < 0:
+            hi = max(hi, min(n, -a0 + 1))
+        if a1 > n:
+            lo = min(lo, max(0, 2 * n - a1 - 1))
+        return lo, max(hi, lo + 1)
+
+    (y0, y1), (x0, x1) = span(ry0, ry1, h), span(rx0, rx1, w)
+    region = level.read_chw(y0, y1, x0, x1)
+    pads = ((0, 0), (max(0, y0 - ry0), max(0, ry1 - y1)), (max(0, x0 - rx0), max(0, rx1 - x1)))
+    region = np.pad(region, pads, mode="reflect" if min(h, w) > 1 else "edge")
+    oy = ry0 - (y0 - pads[1][0])
+    ox = rx0 - (x0 - pads[2][0])
+    return region[:, oy : oy + ry1 - ry0, ox : ox + rx1 - rx0]
 
 
 def _native(scale: float) -> bool:
@@ -190,7 +208,6 @@ def extract_tiles(
     if strategy not in ("auto", "tile", "block"):
         raise ValueError(f"strategy must be 'auto', 'tile' or 'block', got {strategy!r}.")
     level = image if isinstance(image, ImageLevel) else array_levels(image)[0]
-    h, w = level.shape_yx
     centers_xy = np.asarray(centers_xy, dtype=np.float64)
     first = tile_origins(centers_xy, size=size, scale=scale)
     lo_x, hi_x = _source_bounds(first[:, 0], size, scale)
@@ -205,10 +222,7 @@ def extract_tiles(
         return int(lo_y[idx].min()), int(hi_y[idx].max()) + 1, int(lo_x[idx].min()), int(hi_x[idx].max()) + 1
 
     def read(idx):
-        ry0, ry1, rx0, rx1 = bounds(idx)
-        region = level.read_chw(ry0, ry1, rx0, rx1)
-        pads = (max(0, -ry0), max(0, ry1 - h), max(0, -rx0), max(0, rx1 - w))
-        return np.ascontiguousarray(_pad_region(region, pads, pad_mode, cval))
+        return np.ascontiguousarray(_padded_read(level, *bounds(idx), pad_mode, cval))
 
     buffers = _Buffers()
     # read (decompress, pad) block k + 1 in a thread while block k is cut (the kernels release the GIL)
