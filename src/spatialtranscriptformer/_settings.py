@@ -45,8 +45,10 @@ def available_cpus() -> int:
 
 
 def default_n_threads() -> int:
-    """The ``"auto"`` thread count: ``STF_N_THREADS``, ``OMP_NUM_THREADS`` or ``SLURM_CPUS_PER_TASK`` if set,
-    else :func:`available_cpus`."""
+    """The ``"auto"`` thread count.
+
+    ``STF_N_THREADS``, ``OMP_NUM_THREADS`` or ``SLURM_CPUS_PER_TASK`` if set, else :func:`available_cpus`.
+    """
     for var in _ENV_THREADS:
         try:
             n = int(os.environ.get(var, ""))

@@ -96,7 +96,10 @@ def read_her2st(
     patient_id
         Patient identifier; defaults to the section's letter (``"C2"`` -> ``"C"``).
     load_image
-        Read the H&E image (set ``False`` for expression-only work).
+        Attach the H&E image (set ``False`` for expression-only work). Its pixels are not decoded here: each
+        pyramid level of the JPEG is decoded on first use (tiles, plots, writing), the coarse ones directly
+        at their scale (:func:`~spatialtranscriptformer.io._lazy.jpeg_levels`), and kept while the
+        SpatialData lives.
 
     Returns
     -------

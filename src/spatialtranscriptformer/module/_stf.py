@@ -111,6 +111,10 @@ class SpatialTranscriptFormer(nn.Module):
     level
         ``"spot"``: per-spot outputs ``(B, S, G)``; ``"slide"``: masked mean of the processed patch tokens,
         then the same scoring and reconstruction, outputs ``(B, G)``.
+    activation_checkpointing
+        Recompute each transformer layer in the backward pass instead of keeping its activations
+        (less training memory, about a third more compute; see
+        :mod:`~spatialtranscriptformer.module._attention`).
 
     Notes
     -----
@@ -139,6 +143,7 @@ class SpatialTranscriptFormer(nn.Module):
         gene_head: str = "token",
         loss: str = "mse_pcc",
         level: str = "spot",
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         for name, val in (("input_dim", input_dim), ("num_genes", num_genes), ("token_dim", token_dim)):
@@ -208,7 +213,8 @@ class SpatialTranscriptFormer(nn.Module):
         self.pathway_tokens = nn.Parameter(torch.randn(P, self.token_dim) * 0.02)
         self.layers = nn.ModuleList(
             QuadrantEncoderLayer(
-                self.token_dim, self.n_heads, interactions=self.interactions, dropout=dropout
+                self.token_dim, self.n_heads, interactions=self.interactions, dropout=dropout,
+                activation_checkpointing=activation_checkpointing,
             )
             for _ in range(self.n_layers)
         )

@@ -18,7 +18,6 @@ from __future__ import annotations
 import numpy as np
 
 
-
 def axis_taps(first: np.ndarray, size: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """First source pixel ``(n, size)`` and weights ``(n, size, taps)`` of output pixels ``first[i] + k``.
 

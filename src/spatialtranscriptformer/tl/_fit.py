@@ -77,6 +77,8 @@ def fit(
     data_kwargs: Mapping[str, Any] | None = None,
     accelerator: str = "auto",
     devices: int | str | Sequence[int] = "auto",
+    amp: bool | str = False,
+    compile: bool | str = False,
     checkpoint_dir: str | os.PathLike | None = None,
     resume_from: str | os.PathLike | None = None,
     progress: bool | None = None,
@@ -134,6 +136,13 @@ def fit(
         (``validation=None``) did better in our her2st leave-one-section-out study
         (``benchmarks/bench_her2st_accuracy.py``).
     {train}
+    amp
+        Mixed precision: ``True`` / ``"bf16"`` (Lightning ``precision="bf16-mixed"``) or ``"fp16"``
+        (``"16-mixed"``, with loss scaling); fast on GPUs, usually slower on CPUs. ``False``: float32. On
+        CPU, torch uses ``stf.settings.n_threads`` threads.
+    compile
+        Compile the network's forward with :func:`torch.compile` for training (``True``: inductor, or a
+        backend name); the returned model runs eagerly. Compiling costs up to minutes once. Spot models only.
     resume_from
         A checkpoint (e.g. ``<checkpoint_dir>/last.ckpt``) of an interrupted run with the same data and
         settings, continued to ``max_epochs``.
@@ -169,9 +178,17 @@ def fit(
     spot models, val PCC: the mean over genes of the Pearson r across the spots of each validation slide,
     averaged over slides; for slide-level models the Pearson r across genes of the slide's mean profile).
     """
+    from .._accel import check_compile, lightning_precision
     from ..module._registry import get_model_entry
 
     entry = get_model_entry(model)  # unknown name -> ValueError listing the registered ones
+    precision = lightning_precision(amp)
+    if precision is not None:
+        if "precision" in trainer_kwargs:
+            raise ValueError("Pass either amp= or precision=, not both.")
+        trainer_kwargs["precision"] = precision
+    if check_compile(compile) is not None and entry.family == "superres":
+        raise ValueError("compile= applies to spot models; the super-resolution decoder trains eagerly.")
     if entry.family == "superres":
         given = {"embedding_key": embedding_key, "level": level, "resume_from": resume_from}
         bad = [k for k in _SPOT_ONLY if given[k] is not None]
@@ -207,5 +224,5 @@ def fit(
         plan=group("plan_kwargs", plan_kwargs, groups["plan_kwargs"], caller="fit"),
         opts=group("data_kwargs", data_kwargs, groups["data_kwargs"], caller="fit"),
         accelerator=accelerator, devices=devices, checkpoint_dir=checkpoint_dir, resume_from=resume_from,
-        progress=progress, table_key=table_key, trainer_kwargs=trainer_kwargs,
+        progress=progress, table_key=table_key, trainer_kwargs=trainer_kwargs, compile=compile,
     )  # fmt: skip

@@ -78,6 +78,7 @@ def fit_spot(
     progress,
     table_key,
     trainer_kwargs: dict,
+    compile: bool | str = False,
 ) -> TrainedModel:
     """Validate, prepare the slides and train a spot model (see :func:`~spatialtranscriptformer.tl.fit`)."""
     from ..train._data import build_slide_arrays, check_embeddings, check_genes, collect_slides
@@ -253,6 +254,7 @@ def fit_spot(
         augment=opts["augment"], seed=seed, monitor=plan["monitor"], early_stopping_patience=early_stopping_patience,
         accelerator=accelerator, devices=devices, resume_from=resume_from, checkpoint_dir=checkpoint_dir,
         progress=settings.progress if progress is None else bool(progress), trainer_kwargs=trainer_kwargs,
+        compile=compile,
     )  # fmt: skip
     module = module.cpu().eval()
     return TrainedModel(

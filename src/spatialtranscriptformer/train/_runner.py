@@ -149,8 +149,11 @@ def run_lightning(
     history_columns: Sequence[str] = HISTORY_COLUMNS,
     trainer_defaults: dict | None = None,
     trainer_kwargs: dict | None = None,
+    compile: bool | str = False,
 ) -> dict:
     """Fit ``plan``; restore the weights of the best validation epoch.
+
+    Torch runs with ``stf.settings.n_threads`` CPU threads.
 
     Parameters
     ----------
@@ -183,6 +186,10 @@ def run_lightning(
     trainer_kwargs
         The user's ``Trainer`` arguments; they win over every default. Their ``callbacks`` are appended to
         ours, and ``strategy="ddp"`` tolerates unused parameters.
+    compile
+        Compile the plan's network (``plan.module``) in place with :func:`torch.compile` for the run
+        (``True``: inductor, or a backend name; :func:`~spatialtranscriptformer._accel.compile_in_place`);
+        it runs eagerly again afterwards.
 
     Returns
     -------
@@ -221,7 +228,17 @@ def run_lightning(
     levels = [lg.level for lg in quiet]
     for lg in quiet:  # Lightning's set-up chatter (device summary, tips); our logger reports each epoch
         lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    from .._accel import check_compile, compile_in_place, uncompile
+    from .._settings import settings
+
+    net = getattr(plan, "module", None)
+    if check_compile(compile) is not None and not isinstance(net, torch.nn.Module):
+        raise ValueError(f"compile= needs a training plan with a `module` network ({type(plan).__name__} has none).")
+    threads = settings.torch_threads()
+    threads.__enter__()
     try:
+        if net is not None:
+            compile_in_place(net, compile)
         trainer = L.Trainer(max_epochs=int(max_epochs), callbacks=cbs, **kw)
         with warnings.catch_warnings():
             for msg in _IGNORED_WARNINGS:
@@ -237,6 +254,9 @@ def run_lightning(
             best_epoch = best.best_epoch
         trainer.strategy.barrier()
     finally:
+        if net is not None:
+            uncompile(net)
+        threads.__exit__(None, None, None)
         for lg, lv in zip(quiet, levels, strict=True):
             lg.setLevel(lv)
         if tmp is not None:
