@@ -90,8 +90,11 @@ def test_read_her2st_is_lazy_and_tiles_equal_the_decoded_jpeg():
     folder = bundled_path()
     s = stf.io.read_her2st(folder)
     levels = _levels_of(s.images["he"])
-    lazy = [v for lv in levels for v in dask.utils.ensure_dict(lv.dask).values() if isinstance(v, LazyLevel)]
-    assert lazy and not any(v.loaded for v in lazy)
+    lazy = [[v for v in dask.utils.ensure_dict(lv.dask).values() if isinstance(v, LazyLevel)] for lv in levels]
+    assert len(levels) > 2 and all(len(v) == 1 for v in lazy)
+    # only the coarsest level (decoded directly at its scale) is read, for uns['spatial']'s hires image
+    assert [v[0].loaded for v in lazy] == [False] * (len(levels) - 1) + [True]
+    assert s.tables["table"].uns["spatial"]
     with Image.open(next(folder.glob("*.jpg"))) as im:
         full = np.moveaxis(np.asarray(im.convert("RGB")), -1, 0)
     assert levels[0].shape == full.shape

@@ -68,25 +68,73 @@ def test_window_cost_is_linear_in_slide_size():
         assert max(len(w) for w, _ in wins) <= 2048
 
 
-@pytest.fixture(scope="module")
-def model():
+def _stf_model(**fit_params):
     torch.manual_seed(0)
-    module = SpatialTranscriptFormer(6, 5, token_dim=16, n_heads=2, n_layers=2, num_pathways=3, dropout=0.0).eval()
+    width = 12 if fit_params.get("context_radius") else 6  # embeddings + their neighbours' mean
+    module = SpatialTranscriptFormer(width, 5, token_dim=16, n_heads=2, n_layers=2, num_pathways=3, dropout=0.0).eval()
     return TrainedModel(module, model_name="stf", genes=[f"g{i}" for i in range(5)], embedding_key="X_t", input_dim=6,
                         level="spot", loss="mse_pcc", log_transform=True, pathways=["a", "b", "c"],
-                        fit_params={"standardize": "slide"})
+                        fit_params={"standardize": "slide", **fit_params})
 
 
-def test_prediction_unchanged_where_one_window_covers_the_slide(model):
+@pytest.fixture(scope="module")
+def model():
+    """An STF with the defaults of ``stf.tl.fit``: neighbourhood context input and output smoothing."""
+    from spatialtranscriptformer.tl._fit import DEFAULT_CONTEXT_RADIUS, DEFAULT_OUTPUT_SMOOTHING
+
+    m = _stf_model(context_radius=DEFAULT_CONTEXT_RADIUS, output_smoothing=DEFAULT_OUTPUT_SMOOTHING)
+    assert m.input_spec.context_radius and m.output_smoothing > 0
+    return m
+
+
+def _grid(n_side, rng):
+    """A Visium-HD-like square grid with a few holes (context and smoothing see real neighbours)."""
+    g = np.stack(np.meshgrid(np.arange(n_side), np.arange(n_side)), -1).reshape(-1, 2) * 8.0
+    return g[rng.uniform(size=len(g)) > 0.05]
+
+
+@pytest.mark.parametrize("defaults", [True, False])
+def test_prediction_unchanged_where_one_window_covers_the_slide(model, defaults):
+    m = model if defaults else _stf_model()
     rng = np.random.default_rng(2)
-    x, c = rng.normal(size=(300, 6)).astype(np.float32), rng.uniform(0, 3000, (300, 2))
-    whole = model.predict_arrays(x, c, window_spots=None)
-    for w in (300, 301, 10_000):
-        got = model.predict_arrays(x, c, window_spots=w)
+    c = _grid(18, rng)
+    x = rng.normal(size=(len(c), 6)).astype(np.float32)
+    whole = m.predict_arrays(x, c, window_spots=None)
+    for w in (len(c), len(c) + 1, 10_000):
+        got = m.predict_arrays(x, c, window_spots=w)
         np.testing.assert_array_equal(got["expr"], whole["expr"])
         np.testing.assert_array_equal(got["pathway_scores"], whole["pathway_scores"])
-    windowed = model.predict_arrays(x, c, window_spots=100)["expr"]
+    windowed = m.predict_arrays(x, c, window_spots=100)["expr"]
     assert not np.allclose(windowed, whole["expr"])  # smaller windows do change predictions (less context)
+
+
+def test_windows_see_the_whole_slide_context_and_smoothing(model, monkeypatch):
+    """Windowing changes only which spots attend to each other: the context features are computed over the
+    whole slide before windowing, the output smoothing over the whole slide after it."""
+    rng = np.random.default_rng(4)
+    c = _grid(30, rng)
+    x = rng.normal(size=(len(c), 6)).astype(np.float32)
+    seen = []
+    real = TrainedModel._predict_windows
+
+    def spy(self, xin, coords, windows, **kw):
+        seen.append((xin.copy(), windows))
+        return real(self, xin, coords, windows, **kw)
+
+    monkeypatch.setattr(TrainedModel, "_predict_windows", spy)
+    whole = model.predict_arrays(x, c, window_spots=None)
+    windowed = model.predict_arrays(x, c, window_spots=200)
+    (x_whole, w_whole), (x_win, w_win) = seen
+    assert len(w_whole) == 1 and len(w_win) > 1
+    np.testing.assert_array_equal(x_win, x_whole)  # same prepared input (standardised + neighbourhood context)
+    np.testing.assert_array_equal(x_whole, model.prepare_inputs(x, c))
+    # the network's raw output per window, smoothed over the whole slide afterwards
+    raw = real(model, x_win, c.astype(np.float32), w_win, device=None, amp=False, compile=False)
+    smoothed = model._smooth(raw, c.astype(np.float32))
+    np.testing.assert_array_equal(windowed["expr"], smoothed["expr"])
+    np.testing.assert_array_equal(windowed["pathway_scores"], smoothed["pathway_scores"])
+    assert not np.allclose(raw["expr"], windowed["expr"])  # smoothing did act, across window borders too
+    assert whole["expr"].shape == windowed["expr"].shape
 
 
 def test_amp_paths_match_float32_on_cpu(model):

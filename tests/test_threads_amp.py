@@ -142,7 +142,10 @@ def test_embed_amp_on_cpu_matches_float32(bundled_sdata):
     import timm
 
     torch.manual_seed(0)
-    net = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    from spatialtranscriptformer.pp._backbones import get_backbone
+
+    # 32-px network input (not the default 224): the test checks the precision path, not the model
+    net = get_backbone(timm.create_model("resnet10t", pretrained=False, num_classes=0), input_size=32, mpp=4.0)
     s = sd.deepcopy(bundled_sdata)
     stf.pp.embed(s, backbone=net, key_added="X_32", tile_size=32, mpp=4.0, progress=False)
     stf.pp.embed(s, backbone=net, key_added="X_bf", tile_size=32, mpp=4.0, progress=False, amp="bf16")
@@ -160,7 +163,10 @@ def test_embed_compiled_matches_eager(bundled_sdata):
     import timm
 
     torch.manual_seed(0)
-    net = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    from spatialtranscriptformer.pp._backbones import get_backbone
+
+    # 32-px network input (not the default 224): the test checks the precision path, not the model
+    net = get_backbone(timm.create_model("resnet10t", pretrained=False, num_classes=0), input_size=32, mpp=4.0)
     s = sd.deepcopy(bundled_sdata)
     stf.pp.embed(s, backbone=net, key_added="X_e", tile_size=32, mpp=4.0, progress=False, batch_size=64)
     stf.pp.embed(s, backbone=net, key_added="X_c", tile_size=32, mpp=4.0, progress=False, batch_size=64,

@@ -167,13 +167,13 @@ def jpeg_levels(path: str | os.PathLike, *, min_side: int = 2048, chunks: int = 
     with Image.open(path) as im:
         if im.format != "JPEG":
             raise ValueError(f"{path.name} is not a JPEG file (format {im.format}).")
-    check_jpeg_complete(path)
         w, h = im.size
         sizes = {1: (w, h)}
         for s in _DCT_SCALES[1:]:
             with Image.open(path) as im2:
                 im2.draft("RGB", (max(1, w // s), max(1, h // s)))
                 sizes[s] = im2.size
+    check_jpeg_complete(path)
     levels = [LazyLevel((h, w, 3), partial(decode_jpeg, str(path), 1), token=_jpeg_token(path, 1))]
     scale, side = 1, min(h, w)
     while side > min_side:
