@@ -80,7 +80,7 @@ def _stf_model(**fit_params):
 @pytest.fixture(scope="module")
 def model():
     """An STF with the defaults of ``stf.tl.fit``: neighbourhood context input and output smoothing."""
-    from spatialtranscriptformer.tl._fit import DEFAULT_CONTEXT_RADIUS, DEFAULT_OUTPUT_SMOOTHING
+    from spatialtranscriptformer.module._stf import DEFAULT_CONTEXT_RADIUS, DEFAULT_OUTPUT_SMOOTHING
 
     m = _stf_model(context_radius=DEFAULT_CONTEXT_RADIUS, output_smoothing=DEFAULT_OUTPUT_SMOOTHING)
     assert m.input_spec.context_radius and m.output_smoothing > 0

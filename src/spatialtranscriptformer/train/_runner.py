@@ -195,6 +195,12 @@ def run_lightning(
     -------
     ``{"history", "best_epoch", "is_global_zero", "last_checkpoint", "best_checkpoint"}``.
     """
+    from .._accel import check_compile, compile_in_place, uncompile
+    from .._settings import settings
+
+    net = getattr(plan, "module", None)
+    if check_compile(compile) is not None and not isinstance(net, torch.nn.Module):
+        raise ValueError(f"compile= needs a training plan with a `module` network ({type(plan).__name__} has none).")
     tmp = None
     if checkpoint_dir is None:
         tmp = tempfile.mkdtemp(prefix="stf_ckpt_")  # Lightning's default_root_dir; nothing is written there
@@ -228,12 +234,6 @@ def run_lightning(
     levels = [lg.level for lg in quiet]
     for lg in quiet:  # Lightning's set-up chatter (device summary, tips); our logger reports each epoch
         lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
-    from .._accel import check_compile, compile_in_place, uncompile
-    from .._settings import settings
-
-    net = getattr(plan, "module", None)
-    if check_compile(compile) is not None and not isinstance(net, torch.nn.Module):
-        raise ValueError(f"compile= needs a training plan with a `module` network ({type(plan).__name__} has none).")
     threads = settings.torch_threads()
     threads.__enter__()
     try:
