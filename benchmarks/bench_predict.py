@@ -2,8 +2,9 @@
 
     python benchmarks/bench_predict.py [--sizes 5000,20000,80000,320000] [--baseline-src /path/to/old/src]
 
-Each (size, version) runs in a fresh process with one torch thread: a default STF (token_dim 256, 4 heads,
-2 layers, 50 pathways, 50 genes, 768-d embeddings, per-slide standardisation) with random weights predicts
+Each (size, version) runs in a fresh process with one torch thread: a default STF (the defaults of
+``stf.tl.fit``: 50 genes, 768-d embeddings, per-slide standardisation, neighbourhood context input and
+output smoothing where the checkout has them) with random weights predicts
 every bin of a synthetic capture area (8 µm bins on a square grid, ~15 % of it glass, as the simulator's
 Visium HD slides) with ``window_spots=8192``. Reported: process CPU time per spot (on a shared machine the
 CPU time of a 1-thread run is the better estimate of the uncontended wall time), wall time, tokens the
@@ -49,10 +50,17 @@ def worker(n: int) -> dict:
     if hasattr(stf.settings, "n_threads"):
         stf.settings.n_threads = 1
     torch.manual_seed(0)
-    module = SpatialTranscriptFormer(DIM, GENES, loss="mse_pcc", level="spot").eval()
+    fit_params, width = {"standardize": "slide"}, DIM
+    try:  # the defaults of stf.tl.fit: neighbourhood context input (twice the width) and output smoothing
+        from spatialtranscriptformer.module._stf import DEFAULT_CONTEXT_RADIUS, DEFAULT_OUTPUT_SMOOTHING
+
+        fit_params.update(context_radius=DEFAULT_CONTEXT_RADIUS, output_smoothing=DEFAULT_OUTPUT_SMOOTHING)
+        width = 2 * DIM
+    except ImportError:  # an older checkout
+        pass
+    module = SpatialTranscriptFormer(width, GENES, loss="mse_pcc", level="spot").eval()
     model = TrainedModel(module, model_name="stf", genes=[f"g{i}" for i in range(GENES)], embedding_key="X_bench",
-                         input_dim=DIM, level="spot", loss="mse_pcc", log_transform=True,
-                         fit_params={"standardize": "slide"})
+                         input_dim=DIM, level="spot", loss="mse_pcc", log_transform=True, fit_params=fit_params)
     coords = hd_bins(n)
     x = np.random.default_rng(1).normal(size=(n, DIM)).astype(np.float32)
     model.predict_arrays(x[:256], coords[:256], window_spots=WINDOW)  # warm-up: kernels, thread pool

@@ -131,8 +131,9 @@ def test_windows_see_the_whole_slide_context_and_smoothing(model, monkeypatch):
     # the network's raw output per window, smoothed over the whole slide afterwards
     raw = real(model, x_win, c.astype(np.float32), w_win, device=None, amp=False, compile=False)
     smoothed = model._smooth(raw, c.astype(np.float32))
-    np.testing.assert_array_equal(windowed["expr"], smoothed["expr"])
-    np.testing.assert_array_equal(windowed["pathway_scores"], smoothed["pathway_scores"])
+    # (recomputed outside predict's thread setting: equal up to float32 summation order)
+    np.testing.assert_allclose(windowed["expr"], smoothed["expr"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(windowed["pathway_scores"], smoothed["pathway_scores"], rtol=1e-5, atol=1e-6)
     assert not np.allclose(raw["expr"], windowed["expr"])  # smoothing did act, across window borders too
     assert whole["expr"].shape == windowed["expr"].shape
 
