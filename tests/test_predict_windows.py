@@ -160,3 +160,17 @@ def test_compiled_prediction_matches_eager_on_cpu(model):
     got = model.predict_arrays(x, c, window_spots=120, compile="aot_eager")["expr"]  # windows of two sizes
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
     assert type(model.module) is SpatialTranscriptFormer and not model.module._compiled_call_impl  # untouched
+
+
+def test_zscore_over_several_row_blocks_matches_float64():
+    # slides larger than one float64 block are standardised exactly as in one pass
+    from spatialtranscriptformer.tl._inputs import _ZSCORE_BLOCK, zscore_features
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(2 * _ZSCORE_BLOCK + 17, 8)) * 3 + 5).astype(np.float32)
+    x[:, 3] = 2.0  # a constant feature becomes 0
+    ref = x.astype(np.float64) - x.mean(0, dtype=np.float64)
+    sd = ref.std(0)
+    ref = np.divide(ref, sd, out=np.zeros_like(ref), where=sd > 0)
+    np.testing.assert_allclose(zscore_features(x), ref, atol=1e-5)
+    assert np.all(zscore_features(x)[:, 3] == 0)

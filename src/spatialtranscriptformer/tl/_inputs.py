@@ -21,14 +21,17 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+_ZSCORE_BLOCK = 8192
+"""Rows per float64 block of :func:`zscore_features` (768-d: 48 MB; 65,536 rows added ~240 MB at 80k bins)."""
+
 
 def zscore_features(x: np.ndarray) -> np.ndarray:
     """Standardise each embedding feature over the spots of one slide (constant features -> 0)."""
     x = np.asarray(x, dtype=np.float32)
     out = x - x.mean(axis=0, dtype=np.float64).astype(np.float32)  # the only copy of the slide's embeddings
     var = np.zeros(x.shape[1:], dtype=np.float64)
-    for i in range(0, len(out), 65536):  # blocks of rows: no further slide-sized temporaries
-        blk = out[i : i + 65536].astype(np.float64)
+    for i in range(0, len(out), _ZSCORE_BLOCK):  # blocks of rows: no further slide-sized temporaries
+        blk = out[i : i + _ZSCORE_BLOCK].astype(np.float64)
         var += np.einsum("ij,ij->j", blk, blk)
     sd = np.sqrt(var / max(len(out), 1))
     out /= np.where(sd > 0, sd, 1.0).astype(np.float32)
